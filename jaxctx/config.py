@@ -1,0 +1,374 @@
+"""Typed, validated, frozen experiment configuration.
+
+One `Config` holds four sections (`model`, `data`, `train`, `parallel`). Defaults live here and only here,
+each field with a one-line reason or unit. A YAML file overrides defaults, `--set section.key=value` overrides
+the file; unknown keys are errors that suggest the nearest valid key. `Config.validate()` checks consistency once
+at start; after that the config is frozen and passed explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence, get_type_hints
+
+import yaml
+
+FAMILIES = ("gpt2", "llama", "bert")
+ATTENTION_IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "splash")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = (
+    "none",  # no rematerialisation: every activation is stored for the backward pass
+    "full",  # nothing saved: each layer is recomputed in the backward pass (least memory)
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots",
+    "checkpoint_dots_with_no_batch_dims",
+    "everything_saveable",
+)
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message names the key and what would be valid."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one model. Field names follow the contract in DESIGN.md."""
+
+    family: str = "gpt2"  # gpt2 | llama | bert
+    num_layers: int = 2  # transformer blocks
+    num_heads: int = 4  # query heads
+    num_kv_heads: int | None = None  # key/value heads (GQA, llama); None = num_heads
+    d_model: int = 128  # residual stream width
+    head_dim: int | None = None  # per-head width; None = d_model // num_heads
+    d_ff: int | None = None  # MLP hidden width; None = 4 * d_model (gpt2, bert) or the LLaMA rule (llama)
+    vocab_size: int = 512  # rows of the token embedding (byte tokenizer: 256 bytes + specials, padded)
+    max_positions: int | None = None  # learned position table size (gpt2, bert); None = data.seq_len
+    type_vocab_size: int = 2  # BERT token-type embeddings
+    norm_eps: float | None = None  # None = family default (gpt2 1e-5, llama 1e-6, bert 1e-12)
+    rope_theta: float = 10000.0  # RoPE base frequency (llama)
+    rope_scaling: Mapping[str, Any] | None = None  # HF-style rope scaling dict: {"rope_type": "linear"|"llama3", ...}
+    tie_embeddings: bool | None = None  # output head shares the input embedding; None = family default
+    initializer_range: float = 0.02  # std of the normal initialiser (GPT-2/BERT/LLaMA all use 0.02)
+    attention: str = "auto"  # attention kernel: auto | reference | xla | blockwise | cudnn | splash
+    attention_block_q: int | None = None  # blockwise query block; None = kernel default
+    attention_block_k: int | None = None  # blockwise key block; None = kernel default
+    mlp_chunk: int = 0  # run the MLP over sequence chunks of this many tokens under remat; 0 = whole sequence
+    loss_chunk: int = 0  # cross-entropy over sequence chunks of this many tokens; 0 = materialise [B,T,V] logits
+    scan_layers: bool = True  # stack blocks with nn.scan (fast compile, one compiled layer); False = Python loop
+    remat_policy: str = "none"  # see REMAT_POLICIES; "full" recomputes each block in the backward pass
+    dtype: str = "float32"  # compute dtype (bfloat16 on accelerators); params are always float32
+    pad_token_id: int = 0  # BERT/HF metadata; never changes the maths (padding is a segment id)
+
+    # --- derived values (the only place the family rules live) ---
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.family == "llama":  # LLaMA rule: 2/3 of 4*d, rounded up to a multiple of 256
+            hidden = int(2 * 4 * self.d_model / 3)
+            return 256 * ((hidden + 255) // 256)
+        return 4 * self.d_model
+
+    @property
+    def eps(self) -> float:
+        if self.norm_eps is not None:
+            return self.norm_eps
+        return {"gpt2": 1e-5, "llama": 1e-6, "bert": 1e-12}[self.family]
+
+    @property
+    def tied(self) -> bool:
+        if self.tie_embeddings is not None:
+            return self.tie_embeddings
+        return self.family in ("gpt2", "bert")
+
+    @property
+    def causal(self) -> bool:
+        return self.family != "bert"
+
+    @property
+    def positions(self) -> int:
+        """Size of the learned position table (gpt2/bert) or the RoPE context it was configured for."""
+        if self.max_positions is None:
+            raise ConfigError("model.max_positions is unset; build the model from a full Config or set it")
+        return self.max_positions
+
+    def validate(self) -> None:
+        _check_choice("model.family", self.family, FAMILIES)
+        _check_choice("model.attention", self.attention, ATTENTION_IMPLS)
+        _check_choice("model.dtype", self.dtype, DTYPES)
+        _check_choice("model.remat_policy", self.remat_policy, REMAT_POLICIES)
+        for name in ("num_layers", "num_heads", "d_model", "vocab_size"):
+            _check_positive(f"model.{name}", getattr(self, name))
+        for name in ("num_kv_heads", "head_dim", "d_ff", "max_positions", "attention_block_q",
+                     "attention_block_k"):
+            if getattr(self, name) is not None:
+                _check_positive(f"model.{name}", getattr(self, name))
+        for name in ("mlp_chunk", "loss_chunk"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 0 (0 turns chunking off)")
+        if self.num_heads % self.kv_heads:
+            raise ConfigError(
+                f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.kv_heads}")
+        if self.family != "llama":
+            if self.kv_heads != self.num_heads:
+                raise ConfigError(f"model.num_kv_heads applies to llama only (family={self.family})")
+            if self.head_dim is None and self.d_model % self.num_heads:
+                raise ConfigError(
+                    f"model.d_model={self.d_model} must be divisible by model.num_heads={self.num_heads}")
+            if self.rope_scaling is not None:
+                raise ConfigError(f"model.rope_scaling applies to llama only (family={self.family})")
+        if self.family == "llama" and self.head_dim is None and self.d_model % self.num_heads:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.num_heads="
+                              f"{self.num_heads}; set model.head_dim explicitly")
+        if self.family == "llama" and self.dim_per_head % 2:
+            raise ConfigError(f"RoPE needs an even head dim, got {self.dim_per_head}")
+        if self.family == "bert" and not self.tied:
+            raise ConfigError("model.tie_embeddings=false is not supported for bert (HF ties the MLM decoder)")
+        if self.rope_scaling is not None:
+            kind = dict(self.rope_scaling).get("rope_type", dict(self.rope_scaling).get("type"))
+            _check_choice("model.rope_scaling.rope_type", kind, ("default", "linear", "llama3"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Input pipeline (jaxctx.data)."""
+
+    source: str = "stdlib"  # "stdlib" (embedded Python-stdlib corpus), a local file/glob, or a hub dataset name
+    format: str | None = None  # text | json | parquet; None = guessed from the file extension
+    text_field: str = "text"  # column holding the document text (json/parquet)
+    tokenizer: str = "byte"  # "byte" (built-in byte-level tokenizer) or a local Hugging Face tokenizer directory
+    seq_len: int = 256  # tokens per packed training sequence
+    streaming: bool = False  # stream the corpus instead of loading it into memory
+    validation_fraction: float = 0.02  # share of documents held out (split by file-name/document hash)
+    mlm_probability: float = 0.15  # BERT: share of non-special tokens chosen for masking
+    num_proc: int = 2  # worker processes for datasets.map tokenization
+    shuffle_buffer: int = 1024  # packed sequences shuffled within a buffer of this size (0 = off)
+
+    def validate(self) -> None:
+        if self.seq_len < 2:
+            raise ConfigError(f"data.seq_len={self.seq_len} must be >= 2 (next-token targets need two tokens)")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(f"data.validation_fraction={self.validation_fraction} must be in [0, 1)")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"data.mlm_probability={self.mlm_probability} must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and the training loop (jaxctx.train)."""
+
+    batch_size: int = 8  # global batch, in sequences
+    steps: int = 200  # optimizer steps
+    seed: int = 0  # params init, data order and dropout all derive from it
+    log_every: int = 10  # steps between metrics.jsonl rows
+    checkpoint_every: int = 100  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk
+    eval_every: int = 0  # steps between validation passes; 0 = only at the end
+    eval_batches: int = 8  # batches per validation pass
+    init_from: str | None = None  # params from a converted or earlier checkpoint, fresh optimizer
+    optimizer: str = "adamw"  # adamw | adafactor | lion
+    learning_rate: float = 3e-4  # peak learning rate
+    warmup_steps: int = 20  # linear warmup from 0 to the peak
+    decay: str = "cosine"  # cosine | linear | constant, after warmup
+    min_lr_ratio: float = 0.1  # final lr as a fraction of the peak
+    weight_decay: float = 0.1  # decoupled; not applied to norms and biases
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # global-norm clipping; 0 = off
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+    def validate(self) -> None:
+        for name in ("batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum",
+                     "eval_batches"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        _check_choice("train.optimizer", self.optimizer, ("adamw", "adafactor", "lion"))
+        _check_choice("train.decay", self.decay, ("cosine", "linear", "constant"))
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"train.batch_size={self.batch_size} must be divisible by "
+                              f"train.grad_accum={self.grad_accum}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Device mesh and distribution (jaxctx.parallel)."""
+
+    mode: str = "jit"  # jit (sharded over the mesh) | pmap (data parallel)
+    data: int = -1  # data-parallel axis size; -1 = all devices left over
+    fsdp: int = 1  # parameter/optimizer-state sharding axis size
+    tensor: int = 1  # tensor (head/MLP) parallel axis size
+    coordinator_address: str | None = None  # multi-host: host:port of process 0 (else from the environment)
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def validate(self) -> None:
+        _check_choice("parallel.mode", self.mode, ("jit", "pmap"))
+        for name in ("fsdp", "tensor"):
+            _check_positive(f"parallel.{name}", getattr(self, name))
+        if self.data != -1:
+            _check_positive("parallel.data", self.data)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole experiment. `max_positions` defaults to `data.seq_len`, resolved here once."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def resolved(self) -> "Config":
+        """Fill derived defaults (model.max_positions = data.seq_len) and validate."""
+        cfg = self
+        if cfg.model.max_positions is None:
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_positions=cfg.data.seq_len))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for section in (self.model, self.data, self.train, self.parallel):
+            section.validate()
+        if self.model.max_positions is not None and self.model.family != "llama":
+            if self.data.seq_len > self.model.max_positions:
+                raise ConfigError(
+                    f"data.seq_len={self.data.seq_len} exceeds model.max_positions={self.model.max_positions} "
+                    f"(the learned position table of {self.model.family}); raise model.max_positions")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: YAML file + key=value overrides -> Config
+# ----------------------------------------------------------------------------------------------------------
+
+def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _check_positive(key: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{key}={value!r} must be a positive integer")
+
+
+def _suggest(key: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check (and gently convert) one value against its field's type annotation."""
+    text = str(annotation)
+    if value is None:
+        if "None" in text:
+            return None
+        raise ConfigError(f"{key} may not be null")
+    if text.startswith("bool") or text == "<class 'bool'>":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if text.startswith("int") or text == "<class 'int'>":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if text.startswith("float") or text == "<class 'float'>":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if text.startswith("str") or text == "<class 'str'>":
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} must be a string")
+    if text.startswith("Mapping"):
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise ConfigError(f"{key}={value!r} must be a mapping")
+    return value
+
+
+def _section_from_dict(cls, values: Mapping[str, Any], prefix: str):
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix}{key}" + _suggest(key, names))
+        kwargs[key] = _coerce(prefix + key, value, hints[key])
+    return cls(**kwargs)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig}
+
+
+def from_dict(values: Mapping[str, Any]) -> Config:
+    """Build a (not yet resolved) Config from a nested dict such as a parsed YAML file."""
+    sections = {}
+    for name, sub in (values or {}).items():
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown config section {name!r}" + _suggest(name, list(SECTIONS)))
+        if sub is None:
+            sub = {}
+        if not isinstance(sub, Mapping):
+            raise ConfigError(f"config section {name!r} must be a mapping, got {type(sub).__name__}")
+        sections[name] = _section_from_dict(SECTIONS[name], sub, f"{name}.")
+    return Config(**sections)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`model.d_model=256` -> (["model", "d_model"], 256); the value is parsed as YAML (so 1e-4, true, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(f"override key {key!r} must look like section.key (e.g. train.steps)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
+    return path, value
+
+
+def load(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- `section.key=value` overrides; returns a resolved, validated Config."""
+    values: dict = {}
+    if path is not None:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path, encoding="utf-8") as f:
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
+    values = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in values.items()}
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        if not isinstance(values.setdefault(section, {}), dict):
+            values[section] = {}
+        values[section][key] = value
+    try:
+        return from_dict(values).resolved()
+    except ConfigError as err:
+        where = f" (in {path})" if path else ""
+        raise ConfigError(f"{err}{where}") from None
+
+
+def to_yaml(cfg: Config) -> str:
+    """The fully resolved config as YAML (what a workdir's config.yaml holds)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,7 @@
+"""Kernels: attention, blockwise feed-forward, chunked cross-entropy. They know nothing about models."""
+
+from jaxctx.ops.attention import IMPLS, attention, resolve_impl
+from jaxctx.ops.blockwise import blockwise_attention
+from jaxctx.ops.reference import reference_attention
+
+__all__ = ["IMPLS", "attention", "resolve_impl", "blockwise_attention", "reference_attention"]
