@@ -1,0 +1,45 @@
+"""Useful-FLOP conventions: the numerators of every GFLOP/s and "fraction of matmul rate" jaxctx reports.
+
+We count only the FLOPs an ideal kernel must do, not what a given kernel happens to execute, so that a kernel
+that recomputes (blockwise backward) or computes-then-masks (reference, causal) is not rewarded for the waste.
+
+Attention (the FlashAttention papers' convention, Dao et al. 2022/2023):
+  forward  = 4 * B * H * T^2 * D    two matmuls per query head, Q K^T and P V, each 2 * T^2 * D multiply-adds
+             (x 1/2 when causal: only the lower triangle is useful; we halve exactly rather than count
+              T(T+1)/2, so the number is a clean function of T)
+  backward = 2.5 * forward          five matmuls (recompute S, dV, dP, dQ, dK) against the forward's two
+  fwd+bwd  = 3.5 * forward
+H counts query heads: grouped-query attention shares K/V heads but does the same number of score FLOPs.
+Softmax, scaling and masking are not counted (they are O(T^2) elementwise, not matmul work).
+"""
+
+from __future__ import annotations
+
+# Backward / forward FLOP ratio of attention (see module docstring).
+ATTENTION_BACKWARD_RATIO = 2.5
+
+ATTENTION_FLOP_CONVENTION = (
+    "useful FLOPs only: forward = 4*B*H*T^2*D (QK^T and PV matmuls), halved when causal; "
+    "backward = 2.5 x forward; fwd+bwd = 3.5 x forward; H = query heads; softmax/masking not counted"
+)
+
+
+def attention_flops(batch: int, heads: int, seq_len: int, head_dim: int, *, causal: bool) -> dict[str, float]:
+    """Useful FLOPs of one attention call: {"fwd": ..., "bwd": ..., "fwd_bwd": ...}.
+
+    >>> attention_flops(1, 8, 1024, 64, causal=False)["fwd"]
+    2147483648.0
+    """
+    for name, value in (("batch", batch), ("heads", heads), ("seq_len", seq_len), ("head_dim", head_dim)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"attention_flops: {name} must be a positive integer, got {value!r}")
+    fwd = 4.0 * batch * heads * seq_len * seq_len * head_dim
+    if causal:
+        fwd /= 2.0
+    bwd = ATTENTION_BACKWARD_RATIO * fwd
+    return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}
+
+
+def matmul_flops(n: int) -> float:
+    """FLOPs of one n x n by n x n matmul: n^3 multiply-adds = 2 n^3."""
+    return 2.0 * n ** 3
