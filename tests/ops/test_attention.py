@@ -1,0 +1,169 @@
+"""Attention kernels against the materialised reference: outputs and gradients, masks, GQA, odd lengths."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxctx.ops import attention
+from jaxctx.ops.reference import reference_attention
+
+
+def _inputs(seed, b, t, h, hkv, d, dtype=jnp.float32):
+    kq, kk, kv, kc = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(kq, (b, t, h, d), dtype)
+    k = jax.random.normal(kk, (b, t, hkv, d), dtype)
+    v = jax.random.normal(kv, (b, t, hkv, d), dtype)
+    cotangent = jax.random.normal(kc, (b, t, h, d), jnp.float32)
+    return q, k, v, cotangent
+
+
+def _packed_segments(seed, b, t, n_docs=4, pad=5):
+    """Contiguous documents 1..n_docs of random lengths, then `pad` padding tokens with segment id 0."""
+    rng = np.random.default_rng(seed)
+    seg = np.zeros((b, t), np.int32)
+    for row in range(b):
+        cuts = np.sort(rng.choice(np.arange(1, t - pad), size=n_docs - 1, replace=False))
+        bounds = [0, *cuts, t - pad]
+        for doc, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]), start=1):
+            seg[row, lo:hi] = doc
+    return jnp.asarray(seg)
+
+
+def _value_and_grads(impl, q, k, v, cotangent, **kw):
+    def loss(q, k, v):
+        return jnp.sum(attention(q, k, v, impl=impl, **kw).astype(jnp.float32) * cotangent)
+
+    out = attention(q, k, v, impl=impl, **kw)
+    return out, jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+def _assert_close(got, want, tol):
+    got_out, got_grads = got
+    want_out, want_grads = want
+    np.testing.assert_allclose(got_out, want_out, atol=tol, rtol=tol)
+    for name, g, w in zip("qkv", got_grads, want_grads):
+        np.testing.assert_allclose(g, w, atol=tol, rtol=tol, err_msg=f"d{name}")
+
+
+CASES = [
+    # (b, t, h, hkv, d, block_q, block_k)
+    (2, 64, 4, 4, 16, 16, 16),  # T a multiple of equal blocks
+    (2, 37, 4, 2, 8, 8, 16),  # T not a multiple of either block, GQA 2:1
+    (1, 50, 6, 3, 8, 32, 8),  # block_q > block_k, GQA, odd T
+    (1, 45, 8, 1, 16, 8, 32),  # block_q < block_k, multi-query attention
+    (1, 96, 2, 2, 32, None, None),  # default blocks (one block covers T)
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}t{}h{}kv{}d{}_bq{}bk{}".format(*c))
+@pytest.mark.parametrize("causal,segments", list(itertools.product([False, True], [False, True])))
+def test_blockwise_matches_reference(case, causal, segments):
+    b, t, h, hkv, d, bq, bk = case
+    q, k, v, ct = _inputs(0, b, t, h, hkv, d)
+    seg = _packed_segments(1, b, t) if segments else None
+    want = _value_and_grads("reference", q, k, v, ct, causal=causal, segment_ids=seg)
+    got = _value_and_grads("blockwise", q, k, v, ct, causal=causal, segment_ids=seg, block_q=bq, block_k=bk)
+    _assert_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_xla_matches_reference(causal):
+    q, k, v, ct = _inputs(2, 2, 40, 4, 2, 16)
+    seg = _packed_segments(3, 2, 40)
+    want = _value_and_grads("reference", q, k, v, ct, causal=causal, segment_ids=seg)
+    got = _value_and_grads("xla", q, k, v, ct, causal=causal, segment_ids=seg)
+    _assert_close(got, want, 1e-5)
+
+
+def test_reference_matches_naive_softmax():
+    """The oracle itself against a direct per-head numpy computation (causal + segments, GQA)."""
+    b, t, h, hkv, d = 1, 12, 4, 2, 8
+    q, k, v, _ = _inputs(4, b, t, h, hkv, d)
+    seg = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3])
+    out = np.asarray(reference_attention(q, k, v, causal=True, segment_ids=seg))
+    qn, kn, vn, sn = (np.asarray(x, np.float64) for x in (q, k, v, seg))
+    for head in range(h):
+        kvh = head // (h // hkv)
+        for i in range(t):
+            keys = [j for j in range(i + 1) if sn[0, j] == sn[0, i]]
+            scores = np.array([qn[0, i, head] @ kn[0, j, kvh] for j in keys]) / np.sqrt(d)
+            w = np.exp(scores - scores.max())
+            w /= w.sum()
+            want = sum(wj * vn[0, j, kvh] for wj, j in zip(w, keys))
+            np.testing.assert_allclose(out[0, i, head], want, atol=1e-5)
+
+
+def test_block_with_no_visible_key_is_finite():
+    """Query blocks whose keys in a whole block are all masked, and rows that see no key at all, give no NaN."""
+    b, t, h, d = 1, 32, 2, 8
+    q, k, v, ct = _inputs(5, b, t, h, h, d)
+    # Every query is alone in its segment except the last 8 tokens: most key blocks are fully masked per row.
+    seg = jnp.asarray([list(range(1, 25)) + [99] * 8], jnp.int32)
+    got = _value_and_grads("blockwise", q, k, v, ct, causal=True, segment_ids=seg, block_q=8, block_k=8)
+    want = _value_and_grads("reference", q, k, v, ct, causal=True, segment_ids=seg)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in (got[0], *got[1]))
+    _assert_close(got, want, 1e-5)
+    # Non-causal with odd T: the padded key columns are hidden from real queries.
+    q, k, v, ct = _inputs(6, 1, 13, 2, 2, 8)
+    _assert_close(_value_and_grads("blockwise", q, k, v, ct, block_q=8, block_k=8),
+                  _value_and_grads("reference", q, k, v, ct), 1e-5)
+
+
+def test_bf16_blockwise_close_to_f32_reference():
+    q, k, v, ct = _inputs(7, 1, 64, 4, 2, 32)
+    want = reference_attention(q, k, v, causal=True)
+    got = attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), causal=True,
+                    impl="blockwise", block_q=16, block_k=16)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2)
+
+
+def test_auto_is_blockwise_on_cpu():
+    from jaxctx.ops import resolve_impl
+    assert jax.default_backend() != "cpu" or resolve_impl("auto") == "blockwise"
+    q, k, v, _ = _inputs(8, 1, 20, 2, 2, 8)
+    np.testing.assert_allclose(attention(q, k, v, causal=True),
+                               reference_attention(q, k, v, causal=True), atol=1e-5)
+
+
+def test_under_vmap_and_jit():
+    q, k, v, _ = _inputs(9, 3, 24, 2, 2, 8)
+    fn = jax.jit(jax.vmap(lambda q, k, v: attention(q[None], k[None], v[None], causal=True, impl="blockwise",
+                                                    block_q=8, block_k=8)[0]))
+    np.testing.assert_allclose(fn(q, k, v), reference_attention(q, k, v, causal=True), atol=1e-5)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(q=jnp.zeros((2, 8, 4))), "rank 4"),
+    (dict(k=jnp.zeros((2, 8, 3, 16)), v=jnp.zeros((2, 8, 3, 16))), "divisible"),
+    (dict(k=jnp.zeros((2, 9, 2, 16)), v=jnp.zeros((2, 9, 2, 16))), r"\(2, 9, 2, 16\)"),
+    (dict(v=jnp.zeros((2, 8, 2, 8))), "same shape"),
+    (dict(impl="flash"), "unknown"),
+    (dict(segment_ids=jnp.zeros((2, 8), jnp.float32)), "integer"),
+    (dict(segment_ids=jnp.zeros((2, 7), jnp.int32)), "shape"),
+    (dict(block_q=0, impl="blockwise"), "positive"),
+])
+def test_bad_input_raises_value_error(bad, match):
+    args = dict(q=jnp.zeros((2, 8, 4, 16)), k=jnp.zeros((2, 8, 2, 16)), v=jnp.zeros((2, 8, 2, 16)))
+    args.update(bad)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(ValueError, match=match):
+        attention(q, k, v, **args)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the error raised without a GPU")
+def test_cudnn_without_gpu_is_a_clear_error():
+    q = jnp.zeros((1, 8, 2, 16))
+    with pytest.raises(ValueError, match="needs a GPU"):
+        attention(q, q, q, impl="cudnn")
+
+
+@pytest.mark.gpu
+def test_cudnn_matches_reference_on_gpu():
+    q, k, v, ct = _inputs(10, 2, 256, 4, 2, 64, dtype=jnp.bfloat16)
+    want = reference_attention(q, k, v, causal=True)
+    got = attention(q, k, v, causal=True, impl="cudnn")
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2)

@@ -1,0 +1,41 @@
+"""Compiled memory of attention forward+backward, from XLA's memory analysis (deterministic, no timing).
+
+Blockwise must be O(T): quadrupling T may at most ~4.5x its temp memory, while the materialised reference
+grows ~16x. This is what catches a backward that silently stores every block (plain autodiff through the
+blockwise forward), which would grow quadratically.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxctx.ops import attention
+
+
+def _fwd_bwd_temp_bytes(impl, t, *, causal=True, b=1, h=8, d=64):
+    spec = jax.ShapeDtypeStruct((b, t, h, d), jnp.float32)
+    seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+    def loss(q, k, v, segment_ids):
+        return jnp.sum(attention(q, k, v, causal=causal, segment_ids=segment_ids, impl=impl))
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec, seg).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_blockwise_memory_grows_linearly(causal):
+    small = _fwd_bwd_temp_bytes("blockwise", 2048, causal=causal)
+    large = _fwd_bwd_temp_bytes("blockwise", 8192, causal=causal)
+    assert large <= 4.5 * small, (small, large)
+
+
+def test_reference_memory_grows_quadratically():
+    small = _fwd_bwd_temp_bytes("reference", 2048)
+    large = _fwd_bwd_temp_bytes("reference", 8192)
+    assert large >= 12 * small, (small, large)
+
+
+def test_blockwise_long_context_fits_512_mib():
+    """T=32768, B=1, H=8, D=64, f32 causal forward+backward: at most 512 MiB of compiled temp memory."""
+    assert _fwd_bwd_temp_bytes("blockwise", 32768) <= 512 * 2**20
