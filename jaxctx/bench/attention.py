@@ -164,6 +164,11 @@ def _mib(nbytes: int | None) -> float | None:
     return None if nbytes is None else round(nbytes / MIB, 3)
 
 
+def _sig(x: float, digits: int = 5) -> float:
+    # Significant digits, not decimals: tiny test sizes and huge sweeps both keep their precision in the JSON.
+    return float(f"{x:.{digits}g}")
+
+
 def _short_error(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:200] if text else ''}"
@@ -203,9 +208,9 @@ def _measure_row(cfg: AttentionBenchConfig, impl: str, t: int, budget: int | Non
             row[f"{phase}_status"] = f"error: run failed: {_short_error(err)}"
             continue
         rate = flops[phase] / timing.median_s / 1e9
-        row.update({f"{phase}_ms": round(timing.median_s * 1e3, 4), f"{phase}_min_ms": round(timing.min_s * 1e3, 4),
-                    f"{phase}_gflop_per_s": round(rate, 3),
-                    f"{phase}_matmul_fraction": round(rate / matmul_gflops, 4) if matmul_gflops else None})
+        row.update({f"{phase}_ms": _sig(timing.median_s * 1e3), f"{phase}_min_ms": _sig(timing.min_s * 1e3),
+                    f"{phase}_gflop_per_s": _sig(rate),
+                    f"{phase}_matmul_fraction": _sig(rate / matmul_gflops) if matmul_gflops else None})
     # Overall status: the first non-ok phase explains the row (fwd+bwd named so "skipped" says which).
     for phase in PHASES:
         status = row[f"{phase}_status"]
