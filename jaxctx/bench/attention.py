@@ -161,7 +161,7 @@ def _concrete_inputs(cfg: AttentionBenchConfig, t: int) -> dict[str, tuple]:
 # ----------------------------------------------------------------------------------------------------------
 
 def _mib(nbytes: int | None) -> float | None:
-    return None if nbytes is None else round(nbytes / MIB, 3)
+    return None if nbytes is None else _sig(nbytes / MIB)
 
 
 def _sig(x: float, digits: int = 5) -> float:
@@ -186,15 +186,15 @@ def _measure_row(cfg: AttentionBenchConfig, impl: str, t: int, budget: int | Non
     for phase in PHASES:
         row.update({f"{phase}_status": "ok", f"{phase}_gflop": flops[phase] / 1e9, f"{phase}_ms": None,
                     f"{phase}_min_ms": None, f"{phase}_gflop_per_s": None, f"{phase}_matmul_fraction": None,
-                    f"{phase}_temp_mib": None, f"{phase}_argument_mib": None, f"{phase}_output_mib": None,
-                    f"{phase}_compile_s": None})
+                    f"{phase}_temp_bytes": None, f"{phase}_temp_mib": None, f"{phase}_argument_mib": None,
+                    f"{phase}_output_mib": None, f"{phase}_compile_s": None})
         try:
             compiled: Compiled = compile_ahead(fns[phase], *abstract[phase])
         except Exception as err:  # an XLA/cuDNN refusal is a result to record, not a reason to lose the sweep
             row[f"{phase}_status"] = f"error: compile failed: {_short_error(err)}"
             continue
         mem = compiled.memory
-        row.update({f"{phase}_temp_mib": _mib(mem.temp_bytes), f"{phase}_argument_mib": _mib(mem.argument_bytes),
+        row.update({f"{phase}_temp_bytes": mem.temp_bytes, f"{phase}_temp_mib": _mib(mem.temp_bytes), f"{phase}_argument_mib": _mib(mem.argument_bytes),
                     f"{phase}_output_mib": _mib(mem.output_bytes),
                     f"{phase}_compile_s": round(compiled.compile_s, 3)})
         if budget is not None and mem.temp_bytes is not None and mem.temp_bytes > budget:

@@ -22,7 +22,7 @@ TINY = ["--heads", "2", "--head-dim", "16", "--repeats", "1", "--warmup", "1", "
 PHASES = ("fwd", "fwd_bwd")
 ROW_FIELDS = {"impl", "kernel", "seq_len", "batch", "heads", "kv_heads", "head_dim", "dtype", "causal", "block_q",
               "block_k", "status"} | {f"{p}_{f}" for p in PHASES for f in (
-                  "status", "gflop", "ms", "min_ms", "gflop_per_s", "matmul_fraction", "temp_mib", "argument_mib",
+                  "status", "gflop", "ms", "min_ms", "gflop_per_s", "matmul_fraction", "temp_bytes", "temp_mib", "argument_mib",
                   "output_mib", "compile_s")}
 MACHINE_FIELDS = {"backend", "device_kind", "device_count", "jax_version", "jaxlib_version", "cpu_model",
                   "cpu_count", "date"}
@@ -101,14 +101,15 @@ def test_cli_rows_have_sane_values(sweep):
             rate = row[f"{phase}_gflop"] / (row[f"{phase}_ms"] / 1e3)
             assert row[f"{phase}_gflop_per_s"] == pytest.approx(rate, rel=1e-2)
             assert row[f"{phase}_matmul_fraction"] == pytest.approx(rate / matmul_rate, rel=1e-2)
-            assert row[f"{phase}_temp_mib"] >= 0
+            assert row[f"{phase}_temp_bytes"] >= 0
+            assert row[f"{phase}_temp_mib"] == pytest.approx(row[f"{phase}_temp_bytes"] / MIB, rel=1e-4)
             assert row[f"{phase}_argument_mib"] > 0 and row[f"{phase}_output_mib"] > 0
         assert row["fwd_bwd_gflop"] == pytest.approx(3.5 * row["fwd_gflop"])
     # The reference kernel materialises [H, T, T] f32 scores: its memory shows it and grows with T.
     ref = {r["seq_len"]: r for r in result["rows"] if r["impl"] == "reference"}
     for t, row in ref.items():
-        assert row["fwd_bwd_temp_mib"] * MIB >= 2 * t * t * 4
-    assert ref[128]["fwd_bwd_temp_mib"] > ref[64]["fwd_bwd_temp_mib"]
+        assert row["fwd_bwd_temp_bytes"] >= 2 * t * t * 4
+    assert ref[128]["fwd_bwd_temp_bytes"] > ref[64]["fwd_bwd_temp_bytes"]
 
 
 def test_cli_skips_configs_over_the_memory_budget(tmp_path, capsys):
@@ -125,7 +126,7 @@ def test_cli_skips_configs_over_the_memory_budget(tmp_path, capsys):
     n_skipped = 0
     for row in result["rows"]:
         for phase in PHASES:
-            over = row[f"{phase}_temp_mib"] * MIB > budget
+            over = row[f"{phase}_temp_bytes"] > budget
             assert row[f"{phase}_status"].startswith("skipped: needs") == over, row
             if over:
                 n_skipped += 1
