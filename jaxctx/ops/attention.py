@@ -58,13 +58,14 @@ def _splash_importable() -> bool:
     return True
 
 
-def resolve_impl(impl: str) -> str:
-    """Map "auto" to the fastest kernel for the default backend."""
+def resolve_impl(impl: str, dtype=None) -> str:
+    """Map "auto" to the fastest kernel for the default backend (and, on GPU, the input dtype)."""
     if impl != "auto":
         return impl
     backend = jax.default_backend()
     if backend == "gpu":
-        return "cudnn"
+        # cuDNN's fused kernel exists for 16-bit inputs only; f32 on GPU runs our blockwise kernel.
+        return "cudnn" if dtype in (None, jnp.bfloat16, jnp.float16) else "blockwise"
     if backend == "tpu" and _splash_importable():
         return "splash"
     return "blockwise"
@@ -85,7 +86,7 @@ def attention(q, k, v, *, causal: bool = False, segment_ids=None, impl: str = "a
       [B, T, H, D] in q's dtype.
     """
     _validate(q, k, v, segment_ids, impl)
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, q.dtype)
     if impl == "reference":
         return reference_attention(q, k, v, causal=causal, segment_ids=segment_ids)
     if impl == "blockwise":
@@ -97,6 +98,9 @@ def attention(q, k, v, *, causal: bool = False, segment_ids=None, impl: str = "a
         if jax.default_backend() != "gpu":
             raise ValueError(f"attention impl='cudnn' needs a GPU, but the default backend is "
                              f"{jax.default_backend()!r}; use impl='auto' or 'blockwise'")
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(f"attention impl='cudnn' needs bfloat16 or float16 q/k/v (cuDNN has no {q.dtype} "
+                             f"fused kernel); cast them or use impl='blockwise'")
         return _cudnn_attention(q, k, v, causal=causal, segment_ids=segment_ids)
     if impl == "splash":
         if jax.default_backend() != "tpu" or not _splash_importable():
