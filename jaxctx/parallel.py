@@ -1,0 +1,94 @@
+"""Device mesh, logical-axis rules and the shardings of train state and batches.
+
+The mesh has three axes, sized by `parallel.*` in the config:
+- `data`:   pure data parallelism (params replicated along it);
+- `fsdp`:   data parallelism whose params and optimizer state are sharded over it (ZeRO-3 / FSDP);
+- `tensor`: tensor parallelism over attention heads, MLP hidden units and the vocabulary.
+
+Models name the axes of every parameter and activation logically ("embed", "heads", "activation_batch", ...);
+`LOGICAL_RULES` maps those names to mesh axes. A batch is split over (data, fsdp) together.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxctx.config import ConfigError, ParallelConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis name -> mesh axis (or None = replicated). Order matters: the first rule whose mesh axis is still
+# free in a given array wins, as in flax.linen.logical_to_mesh_axes.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ("layers", None),  # the stacked-layers axis of nn.scan
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("positions", None),
+    ("token_types", None),
+    # activations
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+)
+
+
+def mesh_shape(cfg: ParallelConfig, device_count: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes; `data=-1` takes whatever the other axes leave. Errors name the numbers."""
+    inner = cfg.fsdp * cfg.tensor
+    if cfg.data == -1:
+        if device_count % inner:
+            raise ConfigError(f"parallel.fsdp={cfg.fsdp} x parallel.tensor={cfg.tensor} = {inner} does not divide "
+                              f"the {device_count} devices")
+        return device_count // inner, cfg.fsdp, cfg.tensor
+    shape = (cfg.data, cfg.fsdp, cfg.tensor)
+    if math.prod(shape) != device_count:
+        raise ConfigError(f"mesh parallel.data x fsdp x tensor = {' x '.join(map(str, shape))} = "
+                          f"{math.prod(shape)} must equal the device count {device_count} (set parallel.data=-1 "
+                          f"to fill the rest automatically)")
+    return shape
+
+
+def make_mesh(cfg: ParallelConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(cfg, len(devices))
+    if devices == list(jax.devices()):
+        # jax.make_mesh orders devices for the physical topology (ICI rings on TPU). Auto axes: shardings are
+        # propagated by XLA from the constraints we place, as flax's logical partitioning expects.
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[global_batch, seq_len] arrays: rows split over (data, fsdp), the sequence kept whole."""
+    return NamedSharding(mesh, P(BATCH_AXES, None))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def logical_shardings(abstract_tree, mesh: Mesh):
+    """NamedShardings for a tree whose leaves carry flax logical partitioning metadata (or none = replicated)."""
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
