@@ -143,26 +143,40 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Input pipeline (jaxctx.data)."""
+    """Input pipeline (jaxctx.data); docs/data.md describes each stage."""
 
-    source: str = "stdlib"  # "stdlib" (embedded Python-stdlib corpus), a local file/glob, or a hub dataset name
+    source: str = "stdlib"  # "stdlib" (Python's own .py sources), a local file/glob/directory, or "hub:NAME"
     format: str | None = None  # text | json | parquet; None = guessed from the file extension
     text_field: str = "text"  # column holding the document text (json/parquet)
+    text_unit: str = "document"  # text files: one document per file | paragraph (blank-line separated) | line
+    hub_subset: str | None = None  # hub datasets: configuration name (e.g. wikitext-103-raw-v1)
     tokenizer: str = "byte"  # "byte" (built-in byte-level tokenizer) or a local Hugging Face tokenizer directory
     seq_len: int = 256  # tokens per packed training sequence
-    streaming: bool = False  # stream the corpus instead of loading it into memory
+    streaming: bool = False  # stream the corpus instead of loading it into memory-mapped Arrow files
     validation_fraction: float = 0.02  # share of documents held out (split by file-name/document hash)
+    max_documents: int = 0  # use at most this many documents per split (0 = all): quick runs and tests
     mlm_probability: float = 0.15  # BERT: share of non-special tokens chosen for masking
     num_proc: int = 2  # worker processes for datasets.map tokenization
-    shuffle_buffer: int = 1024  # packed sequences shuffled within a buffer of this size (0 = off)
+    shuffle: bool = True  # new document and sequence order every epoch (streaming: buffered document shuffle)
+    shuffle_buffer: int = 1024  # streaming only: documents held in the shuffle buffer
+    cache_dir: str | None = None  # datasets cache for loaded and tokenized Arrow files; None = HF_DATASETS_CACHE
 
     def validate(self) -> None:
         if self.seq_len < 2:
             raise ConfigError(f"data.seq_len={self.seq_len} must be >= 2 (next-token targets need two tokens)")
+        if self.format is not None:
+            _check_choice("data.format", self.format, ("text", "json", "parquet"))
+        _check_choice("data.text_unit", self.text_unit, ("document", "paragraph", "line"))
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(f"data.validation_fraction={self.validation_fraction} must be in [0, 1)")
         if not 0.0 < self.mlm_probability < 1.0:
             raise ConfigError(f"data.mlm_probability={self.mlm_probability} must be in (0, 1)")
+        _check_positive("data.num_proc", self.num_proc)
+        for name in ("max_documents", "shuffle_buffer"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name}={getattr(self, name)} must be >= 0 (0 turns it off)")
+        if not self.text_field:
+            raise ConfigError("data.text_field must name a column (e.g. text)")
 
 
 @dataclass(frozen=True)
