@@ -12,6 +12,7 @@ import sys
 
 # module path -> registers one or more subcommands. Order is the order shown in --help.
 COMMAND_MODULES = (
+    "jaxctx.train.cli",
     "jaxctx.bench.cli",
     "jaxctx.data.cli",
 )

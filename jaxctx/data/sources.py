@@ -181,8 +181,25 @@ def _split_filter(batch: dict, split: str, validation_fraction: float) -> list[b
 
 
 def _workers(rows: int, num_proc: int) -> int | None:
-    """Processes for a datasets.map/filter over `rows` rows: forking costs ~0.3 s, so small sets use one."""
+    """Processes for a datasets.map/filter over `rows` rows: forking costs ~0.3 s, so small sets use one.
+
+    `datasets` forks its workers. Forking a process whose JAX backend already runs its thread pools can deadlock
+    the child, so once a backend is up we tokenize in-process (the training loop builds its data first).
+    """
+    if _jax_backend_running():
+        return None
     return num_proc if num_proc > 1 and rows >= 100 * num_proc else None
+
+
+def _jax_backend_running() -> bool:
+    import sys
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # private API moved: assume the worst, stay single-process
+        return True
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,108 @@
+"""Train state and the pure, jittable train / eval steps.
+
+`train_step(state, batch) -> (state, metrics)` does the whole optimizer step: gradient accumulation over
+micro-batches, global-norm clipping and the optax update (inside the optimizer chain), and a guard that leaves
+the state untouched if the loss or the gradients are not finite (the loop then stops and names the step).
+
+Batches are dicts of [B, T] arrays (see jaxctx.data.packing): `input_ids`, `targets`, `loss_mask`,
+`segment_ids`, `positions` and, for BERT, `token_type_ids`. The loss is the mean cross-entropy over scored
+tokens: sum(ce * loss_mask) / sum(loss_mask) over the whole global batch, however it is split.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+MODEL_INPUTS = ("segment_ids", "positions", "token_type_ids")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any
+    opt_state: Any
+
+
+def loss_sums(model: nn.Module, params, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(sum of cross-entropy over scored tokens, number of scored tokens) for one batch."""
+    kwargs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
+    return model.apply({"params": params}, batch["input_ids"], batch["targets"], batch["loss_mask"],
+                       method="loss", **kwargs)
+
+
+def _split_micro(batch: dict, accum: int) -> dict:
+    """[B, T] -> [accum, B / accum, T]. Rows are dealt round-robin (row r goes to micro-batch r % accum) so each
+    micro-batch keeps the batch sharding's per-device row blocks intact."""
+    return {k: v.reshape(v.shape[0] // accum, accum, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
+
+
+def grads_and_sums(model, params, batch: dict, accum: int):
+    """Gradients of the summed loss, plus (loss_sum, weight_sum), accumulated over `accum` micro-batches."""
+    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(model, p, b), has_aux=True)
+    if accum == 1:
+        (loss_sum, weight_sum), grads = grad_fn(params, batch)
+        return grads, loss_sum, weight_sum
+
+    def micro_step(carry, micro):
+        grads, loss_sum, weight_sum = carry
+        (l_sum, w_sum), g = grad_fn(params, micro)
+        return (jax.tree.map(jnp.add, grads, g), loss_sum + l_sum, weight_sum + w_sum), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, loss_sum, weight_sum), _ = jax.lax.scan(
+        micro_step, (zeros, jnp.float32(0), jnp.float32(0)), _split_micro(batch, accum))
+    return grads, loss_sum, weight_sum
+
+
+def apply_update(state: TrainState, grads, loss_sum, weight_sum, optimizer, schedule) -> tuple[TrainState, dict]:
+    """Mean-normalise the summed gradients, update, and skip the update if anything is non-finite."""
+    denom = jnp.maximum(weight_sum, 1.0)
+    loss = loss_sum / denom
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite step must not poison the state: keep the old one (the loop stops and reports the step).
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
+                           opt_state=keep(new_opt_state, state.opt_state))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "tokens": weight_sum,
+               "finite": finite}
+    return new_state, metrics
+
+
+def make_train_step(model, optimizer, schedule, accum: int) -> Callable:
+    """The jit-path step: a pure function of (state, batch); shardings are given by the caller's jax.jit."""
+
+    def train_step(state: TrainState, batch: dict):
+        grads, loss_sum, weight_sum = grads_and_sums(model, state.params, batch, accum)
+        return apply_update(state, grads, loss_sum, weight_sum, optimizer, schedule)
+
+    return train_step
+
+
+def make_pmap_train_step(model, optimizer, schedule, accum: int, axis_name: str = "batch") -> Callable:
+    """The pmap-path step: each device takes its rows; sums are psum-ed so the maths equals the jit path."""
+
+    def train_step(state: TrainState, batch: dict):
+        grads, loss_sum, weight_sum = grads_and_sums(model, state.params, batch, accum)
+        grads, loss_sum, weight_sum = jax.lax.psum((grads, loss_sum, weight_sum), axis_name)
+        return apply_update(state, grads, loss_sum, weight_sum, optimizer, schedule)
+
+    return train_step
+
+
+def make_eval_step(model) -> Callable:
+    """(params, batch) -> (loss_sum, weight_sum); the loop sums these over validation batches."""
+
+    def eval_step(params, batch: dict):
+        return loss_sums(model, params, batch)
+
+    return eval_step
