@@ -8,9 +8,11 @@ at start; after that the config is frozen and passed explicitly.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, get_type_hints
 
@@ -192,6 +194,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between validation passes; 0 = only at the end
     eval_batches: int = 8  # batches per validation pass
     init_from: str | None = None  # params from a converted or earlier checkpoint, fresh optimizer
+    stop_after: int = 0  # checkpoint and stop after this step (schedule unchanged; resume later); 0 = off
     optimizer: str = "adamw"  # adamw | adafactor | lion
     learning_rate: float = 3e-4  # peak learning rate
     warmup_steps: int = 20  # linear warmup from 0 to the peak
@@ -207,6 +210,8 @@ class TrainConfig:
         for name in ("batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum",
                      "eval_batches"):
             _check_positive(f"train.{name}", getattr(self, name))
+        if self.stop_after < 0:
+            raise ConfigError(f"train.stop_after={self.stop_after} must be >= 0 (0 = run to train.steps)")
         _check_choice("train.optimizer", self.optimizer, ("adamw", "adafactor", "lion"))
         _check_choice("train.decay", self.decay, ("cosine", "linear", "constant"))
         if self.batch_size % self.grad_accum:
@@ -284,29 +289,37 @@ def _suggest(key: str, valid: Sequence[str]) -> str:
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check (and gently convert) one value against its field's type annotation."""
-    text = str(annotation)
+    """Check (and gently convert) one value against its field's type annotation (X, or X | None)."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), annotation) if args else annotation
+    base = typing.get_origin(base) or base
     if value is None:
-        if "None" in text:
+        if optional:
             return None
         raise ConfigError(f"{key} may not be null")
-    if text.startswith("bool") or text == "<class 'bool'>":
+    if base is bool:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{key}={value!r} must be true or false")
-    if text.startswith("int") or text == "<class 'int'>":
+    if base is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise ConfigError(f"{key}={value!r} must be an integer")
-    if text.startswith("float") or text == "<class 'float'>":
+    if base is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}={value!r} must be a number")
-    if text.startswith("str") or text == "<class 'str'>":
+    if base is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}={value!r} must be a string")
-    if text.startswith("Mapping"):
+    if base in (Mapping, dict, collections.abc.Mapping):
         if isinstance(value, Mapping):
             return dict(value)
         raise ConfigError(f"{key}={value!r} must be a mapping")

@@ -83,8 +83,11 @@ def _log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def run(cfg: config_lib.Config, workdir: str) -> int:
-    """Train `cfg` in `workdir`; returns the process exit code (0 ok, 1 stopped on a non-finite step)."""
+def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
+    """Train `cfg` in `workdir`; returns the process exit code (0 ok, 1 stopped on a non-finite step).
+
+    `devices` restricts the mesh to a subset of the devices (default: all devices of all processes).
+    """
     from jaxctx.data import build_iterator
 
     is_main = _process_info()[0] == 0
@@ -103,7 +106,7 @@ def run(cfg: config_lib.Config, workdir: str) -> int:
     stats = train_data.stats()
     _log(f"data: {stats['source']}, {stats['documents']} documents, {stats['corpus_tokens']} tokens "
          f"({stats['tokenizer']} tokenizer), {stats['rows_per_epoch']} rows of {cfg.data.seq_len} per epoch")
-    mesh = make_mesh(cfg.parallel)
+    mesh = make_mesh(cfg.parallel, devices)
     runner = make_runner(cfg, mesh)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints)
 
@@ -112,6 +115,8 @@ def run(cfg: config_lib.Config, workdir: str) -> int:
     if start is not None:
         state, meta = runner.restore(ckpt, start)
         train_data.set_state(meta["data"])
+        if is_main:  # rows logged after the checkpoint (by a run that then died) will be logged again
+            _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
         _log(f"resumed from {ckpt.directory} at step {start}")
     else:
         state = runner.init(cfg.train.seed)
@@ -139,7 +144,8 @@ def run(cfg: config_lib.Config, workdir: str) -> int:
                 break
             pending = (step, metrics, last_time)
             last_time = time.perf_counter()
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stop.requested():
+            stopping = step == cfg.train.stop_after or stop.requested()
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stopping:
                 ok = _report(pending, metrics_path, tokens_per_step, cfg, progress)
                 pending = None
                 if not ok:
@@ -147,8 +153,9 @@ def run(cfg: config_lib.Config, workdir: str) -> int:
                     break
                 runner.save(ckpt, step, state, {"step": step, "data": train_data.get_state(),
                                                 "config": cfg.to_dict()})
-                if stop.signal is not None or stop.requested():
-                    _log(f"\n{stop.signal or 'stop'} received: checkpoint saved at step {step}; exiting")
+                if stopping:
+                    reason = f"{stop.signal} received" if stop.signal else "train.stop_after reached"
+                    _log(f"\n{reason}: checkpoint saved at step {step}; exiting (run again to resume)")
                     break
         else:
             if pending is not None and not _report(pending, metrics_path, tokens_per_step, cfg, progress):
@@ -158,7 +165,7 @@ def run(cfg: config_lib.Config, workdir: str) -> int:
         ckpt.close()
         stop.restore()
 
-    if status == 0 and stop.signal is None:
+    if status == 0 and step == cfg.train.steps:
         evaluate(cfg, runner, state, val_data)
     if is_main:
         print(f"workdir: {os.path.abspath(workdir)}")
@@ -221,6 +228,15 @@ def _progress(start: int, total: int, *, enabled: bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step", dynamic_ncols=True,
                 file=sys.stderr)
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+    """Keep only metrics rows with step <= last_step (atomically), so a resumed run's log has no duplicates."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    _write_atomic(path, "".join(rows))
 
 
 def _write_atomic(path: str, text: str) -> None:

@@ -12,11 +12,11 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxctx import models
 from jaxctx.config import Config, ConfigError
-from jaxctx.parallel import batch_sharding, data_parallel_size
+from jaxctx.parallel import MESH_AXES, batch_sharding, data_parallel_size
 from jaxctx.train.optimizer import build_optimizer, learning_rate_schedule
 from jaxctx.train.state import abstract_state, create_state
 from jaxctx.train.step import (TrainState, make_eval_step, make_pmap_train_step, make_train_step)
@@ -104,8 +104,8 @@ class PmapRunner:
         self.model = models.build(cfg)
         self.optimizer = build_optimizer(cfg.train)
         self.schedule = learning_rate_schedule(cfg.train)
-        single = Mesh(np.asarray(self.devices[:1]), ("data",))
-        self._abstract, _ = abstract_state(self.model, self.optimizer, cfg.data.seq_len, single)
+        self._single = Mesh(np.asarray(self.devices[:1]).reshape(1, 1, 1), MESH_AXES)
+        self._abstract, _ = abstract_state(self.model, self.optimizer, cfg.data.seq_len, self._single)
         self._one_device = jax.sharding.SingleDeviceSharding(self.devices[0])
         step = make_pmap_train_step(self.model, self.optimizer, self.schedule, cfg.train.grad_accum)
         self._step = jax.pmap(step, axis_name="batch", donate_argnums=0)
@@ -113,14 +113,21 @@ class PmapRunner:
         self._eval = jax.pmap(lambda p, b: jax.lax.psum(eval_step(p, b), "batch"), axis_name="batch")
 
     def _replicate(self, tree):
-        return jax.device_put_replicated(tree, self.devices)
+        """One copy per local device stacked on a leading axis (what pmap takes), copied device to device."""
+        sharding = NamedSharding(Mesh(np.asarray(self.devices), ("pmap",)), P("pmap"))
+
+        def replicate(x):
+            x = jnp.asarray(x)
+            shards = [jax.device_put(x[None], d) for d in self.devices]
+            return jax.make_array_from_single_device_arrays((len(self.devices), *x.shape), sharding, shards)
+
+        return jax.tree.map(replicate, tree)
 
     def _unreplicate(self, tree):
         return jax.tree.map(lambda x: x[0], tree)
 
     def init(self, seed: int) -> TrainState:
-        single = Mesh(np.asarray(self.devices[:1]), ("data",))
-        state, _ = create_state(self.model, self.optimizer, self.cfg.data.seq_len, single, seed)
+        state, _ = create_state(self.model, self.optimizer, self.cfg.data.seq_len, self._single, seed)
         return self._replicate(state)
 
     def abstract_params(self):

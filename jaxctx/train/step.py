@@ -65,7 +65,7 @@ def apply_update(state: TrainState, grads, loss_sum, weight_sum, optimizer, sche
     denom = jnp.maximum(weight_sum, 1.0)
     loss = loss_sum / denom
     grads = jax.tree.map(lambda g: g / denom, grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

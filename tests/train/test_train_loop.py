@@ -1,0 +1,154 @@
+"""The training job end to end on the tiny config (in-process, CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jaxctx import config as config_lib
+from jaxctx.train.loop import run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+def tiny(*overrides):
+    return config_lib.load(TINY, list(overrides))
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_loss_decreases_and_workdir_is_complete(tmp_path, capsys):
+    cfg = tiny("train.steps=40", "train.log_every=1")
+    assert run(cfg, str(tmp_path), devices=jax.devices()[:1]) == 0
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_sec", "step_time_s"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
+    assert last < first - 1.0, (first, last)
+    assert config_lib.load(tmp_path / "config.yaml") == cfg  # the saved config is the resolved one
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["30", "40"]
+    err = capsys.readouterr()
+    assert "validation: loss" in err.err and str(tmp_path) in err.out
+
+
+def _train_subprocess(workdir, *overrides):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, "--workdir", str(workdir)]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(proc, workdir, step, timeout=240):
+    deadline = time.time() + timeout
+    path = os.path.join(workdir, "checkpoints", str(step))
+    while not os.path.isdir(path):  # Orbax renames the finished step directory into place
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+def test_resume_after_sigkill_continues_on_the_next_batch(tmp_path):
+    """A run killed (SIGKILL) after its step-20 checkpoint and resumed equals the uninterrupted run step for step."""
+    args = ("train.steps=40", "train.log_every=1", "train.checkpoint_every=20", "data.validation_fraction=0")
+    full = _train_subprocess(tmp_path / "full", *args)
+    part = _train_subprocess(tmp_path / "part", *args)
+    _wait_for_checkpoint(part, tmp_path / "part", 20)
+    part.send_signal(signal.SIGKILL)
+    part.wait()
+    assert full.wait() == 0, full.communicate()
+    resumed = _train_subprocess(tmp_path / "part", *args)
+    out, err = resumed.communicate()
+    assert resumed.returncode == 0, err
+    assert "resumed from" in err and "at step 20" in err
+    got, want = read_metrics(tmp_path / "part"), read_metrics(tmp_path / "full")
+    assert [r["step"] for r in got] == list(range(1, 41))
+    np.testing.assert_array_equal([r["loss"] for r in got], [r["loss"] for r in want])
+    np.testing.assert_array_equal([r["grad_norm"] for r in got], [r["grad_norm"] for r in want])
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    proc = _train_subprocess(tmp_path, "train.steps=100000", "train.checkpoint_every=5",
+                             "data.validation_fraction=0")
+    _wait_for_checkpoint(proc, tmp_path, 5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SIGTERM received: checkpoint saved at step" in err
+    saved = int(err.split("checkpoint saved at step ")[1].split(";")[0])
+    assert saved > 5 and str(saved) in os.listdir(tmp_path / "checkpoints")
+
+
+def test_sharded_mesh_matches_one_device(tmp_path):
+    """data x fsdp x tensor = 2 x 2 x 2 over 8 fake CPU devices gives the 1-device losses."""
+    assert len(jax.devices()) >= 8
+    base = ("train.steps=6", "train.log_every=1", "model.num_heads=4", "data.validation_fraction=0")
+    assert run(tiny(*base), str(tmp_path / "one"), devices=jax.devices()[:1]) == 0
+    sharded = tiny(*base, "parallel.data=2", "parallel.fsdp=2", "parallel.tensor=2")
+    assert run(sharded, str(tmp_path / "eight"), devices=jax.devices()[:8]) == 0
+    np.testing.assert_allclose([r["loss"] for r in read_metrics(tmp_path / "eight")],
+                               [r["loss"] for r in read_metrics(tmp_path / "one")], rtol=1e-5, atol=1e-5)
+
+
+def test_restore_on_a_different_device_count(tmp_path):
+    base = ("train.log_every=1", "train.checkpoint_every=4", "model.num_heads=4", "data.validation_fraction=0")
+    ref = tmp_path / "ref"
+    assert run(tiny("train.steps=8", *base), str(ref), devices=jax.devices()[:1]) == 0
+    work = tmp_path / "work"
+    assert run(tiny("train.steps=8", "train.stop_after=4", *base, "parallel.fsdp=4", "parallel.data=1"), str(work),
+               devices=jax.devices()[:4]) == 0
+    assert run(tiny("train.steps=8", *base, "parallel.data=2"), str(work), devices=jax.devices()[:2]) == 0
+    np.testing.assert_allclose([r["loss"] for r in read_metrics(work)], [r["loss"] for r in read_metrics(ref)],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_pmap_matches_jit(tmp_path):
+    base = ("train.steps=5", "train.log_every=1", "data.validation_fraction=0")
+    assert run(tiny(*base), str(tmp_path / "jit"), devices=jax.devices()[:4]) == 0
+    assert run(tiny(*base, "parallel.mode=pmap"), str(tmp_path / "pmap")) == 0
+    np.testing.assert_allclose([r["loss"] for r in read_metrics(tmp_path / "pmap")],
+                               [r["loss"] for r in read_metrics(tmp_path / "jit")], rtol=1e-5, atol=1e-5)
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    base = ("train.steps=4", "train.log_every=1", "data.validation_fraction=0")
+    one = jax.devices()[:1]
+    assert run(tiny(*base), str(tmp_path / "a"), devices=one) == 0
+    assert run(tiny(*base, "train.grad_accum=4"), str(tmp_path / "b"), devices=one) == 0
+    np.testing.assert_allclose([r["loss"] for r in read_metrics(tmp_path / "b")],
+                               [r["loss"] for r in read_metrics(tmp_path / "a")], rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys):
+    # Warmup keeps step 1 at lr=0 (a clean checkpoint at step 2); lr ~1e11 then blows the params up.
+    cfg = tiny("train.steps=20", "train.checkpoint_every=2", "train.learning_rate=1e12", "train.grad_clip=0",
+               "train.warmup_steps=6", "data.validation_fraction=0")
+    assert run(cfg, str(tmp_path), devices=jax.devices()[:1]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss or gradient at step" in err
+    steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
+    bad_step = int(err.split("at step ")[1].split(";")[0])
+    assert steps and steps[-1] < bad_step
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.d_modl=64", "did you mean 'd_model'"),
+    ("train.batch_size=7", "divisible by the data-parallel size"),
+    ("parallel.data=3", "must equal the device count"),
+    ("model.num_heads=3", "divisible by model.num_heads"),
+    ("train.steps=0", "positive integer"),
+])
+def test_config_errors_are_clear(tmp_path, override, message):
+    with pytest.raises(config_lib.ConfigError, match=message):
+        run(tiny(override), str(tmp_path), devices=jax.devices()[:2])
