@@ -5,3 +5,8 @@ from jaxctx.ops.blockwise import blockwise_attention
 from jaxctx.ops.reference import reference_attention
 
 __all__ = ["IMPLS", "attention", "resolve_impl", "blockwise_attention", "reference_attention"]
+from jaxctx.ops.feedforward import (blockwise_feedforward, chunked_cross_entropy, cross_entropy, project_logits,
+                                    token_cross_entropy)
+
+__all__ += ["blockwise_feedforward", "chunked_cross_entropy", "cross_entropy", "project_logits",
+            "token_cross_entropy"]
