@@ -1,0 +1,115 @@
+"""BERT encoder with the masked-LM head, matching HF `BertForMaskedLM` (Devlin et al., 2019, arXiv:1810.04805).
+
+Embeddings: word + learned position + token type, then LayerNorm. Post-norm encoder layers:
+x = LN(x + attn(x)); x = LN(x + mlp(x)) with mlp = dense(F) + bias, GELU(erf), dense(D) + bias. MLM head: dense
+D x D + bias, GELU(erf), LayerNorm, then the decoder tied to the word embeddings plus an output bias [V]. No
+pooler, no dropout (training here is long-context pre-training where dropout is off). Attention is bidirectional;
+padding is its own segment id, so real tokens never see it.
+
+Param tree (f32; scan_layers=True stacks block params on a leading [L] axis under `layers/`; scan_layers=False has
+`layers_0/`, ... without it). D = d_model, H = heads, Dh = D/H, F = ff_dim (4D), V = vocab, P = max_positions,
+TV = type_vocab_size:
+    token_embed/embedding      [V, D]     (also the MLM decoder: logits = h @ embedding.T + output_bias)
+    pos_embed/embedding        [P, D]
+    type_embed/embedding       [TV, D]
+    embed_norm/{scale,bias}    [D]
+    layers/attn/q_kernel, k_kernel, v_kernel  [L, D, H, Dh]     q_bias, k_bias, v_bias [L, H, Dh]
+    layers/attn/o_kernel       [L, H, Dh, D]                   o_bias [L, D]
+    layers/attn_norm/{scale,bias}          [L, D]   (HF attention.output.LayerNorm)
+    layers/mlp/up_kernel [L, D, F]  up_bias [L, F]  down_kernel [L, F, D]  down_bias [L, D]
+    layers/mlp_norm/{scale,bias}           [L, D]   (HF output.LayerNorm)
+    mlm_head/dense_kernel      [D, D]     dense_bias [D]      (HF cls.predictions.transform.dense)
+    mlm_head/norm/{scale,bias} [D]                            (HF cls.predictions.transform.LayerNorm)
+    mlm_head/output_bias       [V]                            (HF cls.predictions.bias)
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxctx.config import ModelConfig
+from jaxctx.models.layers import (BTE, Attention, Embed, LayerNorm, Mlp, check_inputs, compute_dtype, constrain,
+                                  gelu_erf, layer_stack, lm_logits, lm_loss, make_param, normal, run_layers, zeros)
+
+
+class EncoderBlock(nn.Module):
+    """Post-norm block: x = LN(x + attn(x)); x = LN(x + mlp(x))."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        self.attn = Attention(self.cfg, use_bias=True)
+        self.attn_norm = LayerNorm(self.cfg)
+        self.mlp = Mlp(self.cfg, activation=gelu_erf)
+        self.mlp_norm = LayerNorm(self.cfg)
+
+    def __call__(self, x, segment_ids, rope):
+        del rope  # BERT has learned absolute positions
+        x = self.attn_norm(x + self.attn(x, segment_ids, None))  # [B, T, D]
+        x = self.mlp_norm(x + self.mlp(x))
+        return constrain(x, BTE), None  # (scan carry, no per-layer output)
+
+
+class MlmHead(nn.Module):
+    """The transform before the tied decoder (dense, GELU, LayerNorm) and the decoder's output bias."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        d = self.cfg.d_model
+        # [D, D]: the output axis is named "mlp" so tensor parallelism may split it like an MLP up-projection.
+        self.dense_kernel = make_param(self, "dense_kernel", normal(self.cfg.initializer_range), (d, d),
+                                       ("embed", "mlp"))
+        self.dense_bias = make_param(self, "dense_bias", zeros, (d,), ("mlp",))
+        self.norm = LayerNorm(self.cfg)
+        self.output_bias = make_param(self, "output_bias", zeros, (self.cfg.vocab_size,), ("vocab",))
+
+    def __call__(self, h):
+        dtype = compute_dtype(self.cfg)
+        h = h @ self.dense_kernel.astype(dtype) + self.dense_bias.astype(dtype)  # [B, T, D]
+        return self.norm(jax.nn.gelu(h, approximate=False))
+
+
+class BertMLM(nn.Module):
+    """BertForMaskedLM. Methods: __call__ -> MLM logits, loss -> (loss_sum, weight_sum), hidden."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.token_embed = Embed(cfg.vocab_size, cfg.d_model, cfg)
+        self.pos_embed = Embed(cfg.positions, cfg.d_model, cfg, axes=("positions", "embed"))
+        self.type_embed = Embed(cfg.type_vocab_size, cfg.d_model, cfg, axes=("token_types", "embed"))
+        self.embed_norm = LayerNorm(cfg)
+        self.layers = layer_stack(EncoderBlock, cfg)
+        self.mlm_head = MlmHead(cfg)
+
+    def encode(self, input_ids, segment_ids=None, positions=None, token_type_ids=None):
+        """Encoder output [B, T, D] (HF `last_hidden_state`), compute dtype."""
+        cfg = self.cfg
+        positions = check_inputs(cfg, input_ids, segment_ids, positions, token_type_ids, learned_positions=True)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = self.token_embed(input_ids) + self.pos_embed(positions) + self.type_embed(token_type_ids)
+        x = constrain(self.embed_norm(x), BTE)  # [B, T, D]
+        return run_layers(self.layers, x, segment_ids, None)
+
+    def hidden(self, input_ids, segment_ids=None, positions=None, token_type_ids=None):
+        """MLM-transformed hidden states [B, T, D]: the input of the tied decoder."""
+        return self.mlm_head(self.encode(input_ids, segment_ids, positions, token_type_ids))
+
+    def head(self):
+        """(matrix, bias, layout) of the decoder: the word embeddings [V, D] and the output bias [V]."""
+        return self.token_embed.embedding, self.mlm_head.output_bias, "vd"
+
+    def __call__(self, input_ids, segment_ids=None, positions=None, token_type_ids=None):
+        """MLM logits [B, T, V] in float32."""
+        h = self.hidden(input_ids, segment_ids, positions, token_type_ids)
+        return lm_logits(h, *self.head())
+
+    def loss(self, input_ids, targets, weights, segment_ids=None, positions=None, token_type_ids=None):
+        """Summed MLM cross-entropy: (loss_sum, weight_sum); weights are 1 at masked positions, 0 elsewhere."""
+        h = self.hidden(input_ids, segment_ids, positions, token_type_ids)
+        return lm_loss(self.cfg, h, *self.head(), targets, weights)

@@ -1,0 +1,129 @@
+"""Causal language models: GPT-2 (Radford et al., 2019) and LLaMA (Touvron et al., 2023, arXiv:2302.13971).
+
+Both are pre-norm decoders built from `jaxctx.models.layers`; the family decides the pieces:
+
+| family | positions          | norm      | MLP             | biases | attention   | head                     |
+|--------|--------------------|-----------|-----------------|--------|-------------|--------------------------|
+| gpt2   | learned table [P,D]| LayerNorm | GELU(tanh), 4D  | yes    | MHA         | tied to token_embed      |
+| llama  | RoPE (theta, scale)| RMSNorm   | SwiGLU, ff_dim  | no     | GQA, any Dh | tied or lm_head [D, V]   |
+
+Param tree (f32; scan_layers=True stacks every block param on a leading [L] axis under `layers/`;
+scan_layers=False has `layers_0/`, `layers_1/`, ... with the same leaves and no [L] axis):
+
+gpt2 (D = d_model, H = heads, Dh = D/H, F = 4D, V = vocab, P = max_positions)
+    token_embed/embedding      [V, D]      (also the output head: logits = h @ embedding.T)
+    pos_embed/embedding        [P, D]
+    layers/attn_norm/{scale,bias}          [L, D]
+    layers/attn/q_kernel, k_kernel, v_kernel   [L, D, H, Dh]     q_bias, k_bias, v_bias  [L, H, Dh]
+    layers/attn/o_kernel       [L, H, Dh, D]                    o_bias  [L, D]
+    layers/mlp_norm/{scale,bias}           [L, D]
+    layers/mlp/up_kernel       [L, D, F]   up_bias   [L, F]
+    layers/mlp/down_kernel     [L, F, D]   down_bias [L, D]
+    final_norm/{scale,bias}    [D]
+
+llama (Hkv = kv heads, Dh = head_dim, F = ff_dim)
+    token_embed/embedding      [V, D]
+    layers/attn_norm/scale     [L, D]
+    layers/attn/q_kernel       [L, D, H, Dh]    k_kernel, v_kernel [L, D, Hkv, Dh]    o_kernel [L, H, Dh, D]
+    layers/mlp_norm/scale      [L, D]
+    layers/mlp/gate_kernel, up_kernel   [L, D, F]     down_kernel [L, F, D]
+    final_norm/scale           [D]
+    lm_head/kernel             [D, V]      (only when untied; tied models use token_embed/embedding)
+
+HF correspondences (for the converter): gpt2 c_attn [D, 3D] splits into q/k/v kernels reshaped [D, H, Dh];
+c_proj [D, D] is o_kernel reshaped [H, Dh, D]; ln_1/ln_2/ln_f are attn_norm/mlp_norm/final_norm; c_fc/c_proj are
+up/down. llama q_proj.weight [H*Dh, D] is q_kernel transposed and reshaped; gate/up/down_proj likewise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+
+from jaxctx.config import ModelConfig
+from jaxctx.models.layers import (BTE, Attention, Embed, Mlp, SwiGluMlp, check_inputs, constrain, gelu_tanh,
+                                  layer_stack, lm_logits, lm_loss, make_norm, make_param, normal, rope_cos_sin,
+                                  rope_inv_freq, run_layers)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        gpt2 = cfg.family == "gpt2"
+        # GPT-2 scales the init of the two residual-output projections by 1/sqrt(2L) (HF _init_weights).
+        out_std = cfg.initializer_range / math.sqrt(2 * cfg.num_layers) if gpt2 else None
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, use_bias=gpt2, out_std=out_std)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = Mlp(cfg, activation=gelu_tanh, out_std=out_std) if gpt2 else SwiGluMlp(cfg)
+
+    def __call__(self, x, segment_ids, rope):
+        x = x + self.attn(self.attn_norm(x), segment_ids, rope)  # [B, T, D]
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, BTE), None  # (scan carry, no per-layer output)
+
+
+class LMHead(nn.Module):
+    """Untied output projection: kernel [D, V]."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        self.kernel = make_param(self, "kernel", normal(self.cfg.initializer_range),
+                                 (self.cfg.d_model, self.cfg.vocab_size), ("embed", "vocab"))
+
+
+class CausalLM(nn.Module):
+    """GPT-2 or LLaMA (cfg.family). Methods: __call__ -> logits, loss -> (loss_sum, weight_sum), hidden."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        if cfg.family not in ("gpt2", "llama"):
+            raise ValueError(f"CausalLM builds gpt2 or llama, got model.family={cfg.family!r}")
+        self.token_embed = Embed(cfg.vocab_size, cfg.d_model, cfg)
+        if cfg.family == "gpt2":
+            self.pos_embed = Embed(cfg.positions, cfg.d_model, cfg, axes=("positions", "embed"))
+        self.layers = layer_stack(DecoderBlock, cfg)
+        self.final_norm = make_norm(cfg)
+        if not cfg.tied:
+            self.lm_head = LMHead(cfg)
+
+    def hidden(self, input_ids, segment_ids=None, positions=None, token_type_ids=None):
+        """Final-norm hidden states [B, T, D] in the compute dtype."""
+        cfg = self.cfg
+        if token_type_ids is not None:
+            raise ValueError(f"token_type_ids is a BERT input; model.family={cfg.family} takes none")
+        positions = check_inputs(cfg, input_ids, segment_ids, positions, learned_positions=cfg.family == "gpt2")
+        x = self.token_embed(input_ids)  # [B, T, D]
+        rope = None
+        if cfg.family == "gpt2":
+            x = x + self.pos_embed(positions)
+        else:
+            inv_freq = rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling, cfg.max_positions)
+            rope = rope_cos_sin(positions, inv_freq)  # cos, sin [B, T, 1, Dh], shared by every layer
+        x = constrain(x, BTE)
+        x = run_layers(self.layers, x, segment_ids, rope)
+        return self.final_norm(x)
+
+    def head(self):
+        """(matrix, bias, layout) of the output projection, as `jaxctx.ops` cross-entropy functions take it."""
+        if self.cfg.tied:
+            return self.token_embed.embedding, None, "vd"  # [V, D]
+        return self.lm_head.kernel, None, "dv"  # [D, V]
+
+    def __call__(self, input_ids, segment_ids=None, positions=None, token_type_ids=None):
+        """Next-token logits [B, T, V] in float32."""
+        h = self.hidden(input_ids, segment_ids, positions, token_type_ids)
+        return lm_logits(h, *self.head())
+
+    def loss(self, input_ids, targets, weights, segment_ids=None, positions=None, token_type_ids=None):
+        """Summed token cross-entropy: (loss_sum, weight_sum), f32 scalars. Chunked when cfg.loss_chunk > 0."""
+        h = self.hidden(input_ids, segment_ids, positions, token_type_ids)
+        return lm_loss(self.cfg, h, *self.head(), targets, weights)

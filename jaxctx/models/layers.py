@@ -1,0 +1,377 @@
+"""Building blocks shared by the model families: embeddings, norms, RoPE, attention, MLPs, the layer stack.
+
+Conventions (every module here):
+- Parameters are float32 and carry logical axis names (`nn.with_logical_partitioning`); `jaxctx.parallel` maps
+  the names to mesh axes. Weights are explicit `self.param`s (no `nn.Dense`), so each kernel's shape and axis
+  names are visible in one line and the HF converter can map names one to one.
+- Compute happens in `cfg.dtype` (params are cast where used); norms, RoPE angles, softmax and the loss in f32.
+- Main activations are constrained with logical names (`BTE`, `BTHK`, `BTF`), no-ops without a mesh.
+- Init follows the HF conventions: normal(initializer_range) kernels and embeddings, zero biases, unit norm
+  scales.
+
+RoPE (Su et al., 2021, arXiv:2104.09864) uses the rotate-half layout of HF LLaMA; the "linear" and "llama3"
+rope_scaling types are ports of transformers' `_compute_linear_scaling_rope_parameters` and
+`_compute_llama3_parameters` (modeling_rope_utils.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxctx.config import ModelConfig
+from jaxctx.ops import attention
+from jaxctx.ops.feedforward import (blockwise_feedforward, chunked_cross_entropy, project_logits,
+                                    token_cross_entropy)
+
+# Logical names of the main activations.
+BTE = ("activation_batch", "activation_length", "activation_embed")  # residual stream [B, T, D]
+BTHK = ("activation_batch", "activation_length", "activation_heads", "activation_kv")  # q/k/v [B, T, H, Dh]
+BTF = ("activation_batch", "activation_length", "activation_mlp")  # MLP hidden [B, T, F]
+BTV = ("activation_batch", "activation_length", "activation_vocab")  # logits [B, T, V]
+
+PARAM_DTYPE = jnp.float32
+zeros = nn.initializers.zeros
+ones = nn.initializers.ones
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    return jnp.dtype(cfg.dtype)
+
+
+def normal(std: float) -> Callable:
+    return nn.initializers.normal(stddev=std)
+
+
+def make_param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], axes: tuple) -> jax.Array:
+    """A float32 parameter with logical axis names (one per dimension)."""
+    assert len(axes) == len(shape), (name, shape, axes)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, PARAM_DTYPE)
+
+
+def constrain(x: jax.Array, names: tuple) -> jax.Array:
+    return nn.with_logical_constraint(x, names)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Embeddings and norms
+# ----------------------------------------------------------------------------------------------------------
+
+class Embed(nn.Module):
+    """Lookup table `embedding` [num, features]; returns rows in the compute dtype."""
+
+    num: int
+    features: int
+    cfg: ModelConfig
+    axes: tuple = ("vocab", "embed")
+
+    def setup(self):
+        self.embedding = make_param(self, "embedding", normal(self.cfg.initializer_range),
+                                    (self.num, self.features), self.axes)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        # Gather first, cast after: casting the whole [V, D] table every step would cost V*D work.
+        return jnp.take(self.embedding, ids, axis=0).astype(compute_dtype(self.cfg))  # [B, T, D]
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm in float32 (`scale`, `bias` [D]); output in the compute dtype."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        d = self.cfg.d_model
+        self.scale = make_param(self, "scale", ones, (d,), ("embed",))
+        self.bias = make_param(self, "bias", zeros, (d,), ("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)  # biased variance, as torch
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.cfg.eps) * self.scale + self.bias
+        return y.astype(compute_dtype(self.cfg))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (LLaMA) in float32 (`scale` [D]); output in the compute dtype."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        self.scale = make_param(self, "scale", ones, (self.cfg.d_model,), ("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.cfg.eps)
+        return (y * self.scale).astype(compute_dtype(self.cfg))
+
+
+def make_norm(cfg: ModelConfig, **kwargs) -> nn.Module:
+    return RMSNorm(cfg, **kwargs) if cfg.family == "llama" else LayerNorm(cfg, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rotary position embeddings
+# ----------------------------------------------------------------------------------------------------------
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None,
+                  max_positions: int | None = None) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] (float32 numpy), with optional HF rope_scaling.
+
+    Computed in float32 like transformers, so angles agree with HF checkpoints bit for bit at short range.
+    scaling: None or {"rope_type" (or legacy "type"): "default" | "linear" | "llama3", "factor": ...,
+    llama3 also "low_freq_factor", "high_freq_factor", "original_max_position_embeddings" (default:
+    max_positions)}.
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+    if not scaling:
+        return inv_freq
+    scaling = dict(scaling)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    factor = np.float32(scaling["factor"])
+    if kind == "linear":
+        # Dividing the frequencies by `factor` == dividing positions by it (position interpolation).
+        return (inv_freq / factor).astype(np.float32)
+    if kind == "llama3":
+        low_freq_factor = float(scaling["low_freq_factor"])
+        high_freq_factor = float(scaling["high_freq_factor"])
+        old_context = scaling.get("original_max_position_embeddings", max_positions)
+        if old_context is None:
+            raise ValueError("rope_scaling llama3 needs original_max_position_embeddings (or model.max_positions)")
+        low_freq_wavelen = old_context / low_freq_factor
+        high_freq_wavelen = old_context / high_freq_factor
+        wavelen = np.float32(2 * math.pi) / inv_freq
+        # Long wavelengths (low frequencies) are interpolated by `factor`, short ones kept, and the band between
+        # is blended smoothly.
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"rope_scaling rope_type={kind!r} is not supported; use default, linear or llama3")
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] -> cos, sin [B, T, 1, Dh] in float32 (the 1 broadcasts over heads)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, Dh] (rotate-half layout)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, H, Dh] rotated in float32 (HF rotates in the compute dtype; f32 is the more exact of the two)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention with explicit projections.
+
+    Params: q_kernel [D, H, Dh], k_kernel/v_kernel [D, Hkv, Dh], o_kernel [H, Dh, D]; with use_bias also
+    q_bias [H, Dh], k_bias/v_bias [Hkv, Dh], o_bias [D]. The kernel itself is `jaxctx.ops.attention`.
+    """
+
+    cfg: ModelConfig
+    use_bias: bool
+    out_std: float | None = None  # std of o_kernel's init; None = initializer_range (GPT-2 scales it down)
+
+    def setup(self):
+        cfg = self.cfg
+        d, h, hkv, dh = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+        init, out_init = normal(cfg.initializer_range), normal(self.out_std or cfg.initializer_range)
+        self.q_kernel = make_param(self, "q_kernel", init, (d, h, dh), ("embed", "heads", "kv"))
+        self.k_kernel = make_param(self, "k_kernel", init, (d, hkv, dh), ("embed", "heads", "kv"))
+        self.v_kernel = make_param(self, "v_kernel", init, (d, hkv, dh), ("embed", "heads", "kv"))
+        self.o_kernel = make_param(self, "o_kernel", out_init, (h, dh, d), ("heads", "kv", "embed"))
+        if self.use_bias:
+            self.q_bias = make_param(self, "q_bias", zeros, (h, dh), ("heads", "kv"))
+            self.k_bias = make_param(self, "k_bias", zeros, (hkv, dh), ("heads", "kv"))
+            self.v_bias = make_param(self, "v_bias", zeros, (hkv, dh), ("heads", "kv"))
+            self.o_bias = make_param(self, "o_bias", zeros, (d,), ("embed",))
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None, rope: tuple | None) -> jax.Array:
+        cfg, dtype = self.cfg, compute_dtype(self.cfg)
+
+        def project(kernel, bias):
+            y = jnp.einsum("btd,dhk->bthk", x, kernel.astype(dtype))  # [B, T, H or Hkv, Dh]
+            if bias is not None:
+                y = y + bias.astype(dtype)
+            return constrain(y, BTHK)
+
+        bias = (lambda name: getattr(self, name)) if self.use_bias else (lambda name: None)
+        q = project(self.q_kernel, bias("q_bias"))  # [B, T, H, Dh]
+        k = project(self.k_kernel, bias("k_bias"))  # [B, T, Hkv, Dh]
+        v = project(self.v_kernel, bias("v_bias"))  # [B, T, Hkv, Dh]
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attention(q, k, v, causal=cfg.causal, segment_ids=segment_ids, impl=cfg.attention,
+                        block_q=cfg.attention_block_q, block_k=cfg.attention_block_k)  # [B, T, H, Dh]
+        out = constrain(out, BTHK)
+        y = jnp.einsum("bthk,hkd->btd", out, self.o_kernel.astype(dtype))  # [B, T, D]
+        if self.use_bias:
+            y = y + self.o_bias.astype(dtype)
+        return constrain(y, BTE)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MLPs (run whole or in sequence chunks: cfg.mlp_chunk)
+# ----------------------------------------------------------------------------------------------------------
+
+def gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)  # GPT-2 "gelu_new"
+
+
+def gelu_erf(x):
+    return jax.nn.gelu(x, approximate=False)  # BERT "gelu"
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP with biases: down(act(up(x))). Params up_kernel [D, F], up_bias [F], down_kernel [F, D],
+    down_bias [D]."""
+
+    cfg: ModelConfig
+    activation: Callable = gelu_tanh
+    out_std: float | None = None  # std of down_kernel's init; None = initializer_range
+
+    def setup(self):
+        cfg = self.cfg
+        d, f = cfg.d_model, cfg.ff_dim
+        self.up_kernel = make_param(self, "up_kernel", normal(cfg.initializer_range), (d, f), ("embed", "mlp"))
+        self.up_bias = make_param(self, "up_bias", zeros, (f,), ("mlp",))
+        self.down_kernel = make_param(self, "down_kernel", normal(self.out_std or cfg.initializer_range), (f, d),
+                                      ("mlp", "embed"))
+        self.down_bias = make_param(self, "down_bias", zeros, (d,), ("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = compute_dtype(self.cfg)
+        # Cast once outside the (possibly chunked) function so each chunk reuses the same compute-dtype copies.
+        wi, bi = self.up_kernel.astype(dtype), self.up_bias.astype(dtype)
+        wo, bo = self.down_kernel.astype(dtype), self.down_bias.astype(dtype)
+
+        def mlp(x):  # position-wise: [B, t, D] -> [B, t, D]
+            h = constrain(self.activation(x @ wi + bi), BTF)  # [B, t, F]
+            return h @ wo + bo
+
+        return constrain(blockwise_feedforward(mlp, x, chunk=self.cfg.mlp_chunk), BTE)
+
+
+class SwiGluMlp(nn.Module):
+    """LLaMA MLP: down(silu(gate(x)) * up(x)), no biases. Params gate_kernel, up_kernel [D, F], down_kernel [F, D]."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        d, f = cfg.d_model, cfg.ff_dim
+        init = normal(cfg.initializer_range)
+        self.gate_kernel = make_param(self, "gate_kernel", init, (d, f), ("embed", "mlp"))
+        self.up_kernel = make_param(self, "up_kernel", init, (d, f), ("embed", "mlp"))
+        self.down_kernel = make_param(self, "down_kernel", init, (f, d), ("mlp", "embed"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = compute_dtype(self.cfg)
+        wg, wu, wo = (w.astype(dtype) for w in (self.gate_kernel, self.up_kernel, self.down_kernel))
+
+        def mlp(x):  # position-wise: [B, t, D] -> [B, t, D]
+            h = constrain(jax.nn.silu(x @ wg) * (x @ wu), BTF)  # [B, t, F]
+            return h @ wo
+
+        return constrain(blockwise_feedforward(mlp, x, chunk=self.cfg.mlp_chunk), BTE)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs and the layer stack
+# ----------------------------------------------------------------------------------------------------------
+
+def check_inputs(cfg: ModelConfig, input_ids, segment_ids, positions, token_type_ids=None,
+                 learned_positions: bool = False) -> jax.Array:
+    """Validate input shapes; return positions [B, T] (default arange(T) per row)."""
+    if getattr(input_ids, "ndim", None) != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be an integer array [B, T], got shape {jnp.shape(input_ids)} "
+                         f"dtype {getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+    for name, x in (("segment_ids", segment_ids), ("positions", positions), ("token_type_ids", token_type_ids)):
+        if x is not None and jnp.shape(x) != input_ids.shape:
+            raise ValueError(f"{name} must have the shape of input_ids {input_ids.shape}, got {jnp.shape(x)}")
+    b, t = input_ids.shape
+    if positions is None:
+        if learned_positions and t > cfg.positions:
+            raise ValueError(f"sequence length T={t} exceeds model.max_positions={cfg.positions} (the learned "
+                             f"position table of {cfg.family})")
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return positions
+
+
+def remat_policy(name: str) -> Any:
+    """cfg.remat_policy -> a jax.checkpoint policy ("full" saves nothing); "none" is handled by the caller."""
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    policy = getattr(jax.checkpoint_policies, name, None)
+    if policy is None:
+        raise ValueError(f"model.remat_policy={name!r} is not a jax.checkpoint_policies attribute")
+    return policy
+
+
+def layer_stack(block_cls: type[nn.Module], cfg: ModelConfig) -> nn.Module | list[nn.Module]:
+    """The num_layers blocks, to be assigned to `self.layers` inside a parent's setup().
+
+    scan_layers=True: one `nn.scan` module; its params are stacked on a leading axis of size num_layers whose
+    logical name is "layers" (param tree: layers/<block params> [L, ...]). scan_layers=False: a Python list, so
+    the param tree is layers_0/..., layers_1/... Each block is wrapped in `nn.remat` unless remat_policy="none".
+    A block is called as block(x, segment_ids, rope) -> (x, None) (the scan carry/output convention).
+    """
+    cls = block_cls
+    if cfg.remat_policy != "none":
+        # Under scan the loop already keeps XLA from CSE-ing the recomputation away, so prevent_cse can be off.
+        cls = nn.remat(cls, policy=remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+        cls = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+        return cls(cfg)
+    return [cls(cfg) for _ in range(cfg.num_layers)]
+
+
+def run_layers(layers: nn.Module | list[nn.Module], x: jax.Array, segment_ids, rope) -> jax.Array:
+    if isinstance(layers, (list, tuple)):
+        for block in layers:
+            x, _ = block(x, segment_ids, rope)
+        return x
+    x, _ = layers(x, segment_ids, rope)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output projection and loss
+# ----------------------------------------------------------------------------------------------------------
+
+def lm_logits(hidden, matrix, bias, layout) -> jax.Array:
+    """[B, T, D] -> [B, T, V] float32 logits (see jaxctx.ops.project_logits for the head layouts)."""
+    return constrain(project_logits(hidden, matrix, bias, head_layout=layout), BTV)
+
+
+def lm_loss(cfg: ModelConfig, hidden, matrix, bias, layout, targets, weights):
+    """(loss_sum, weight_sum) from final hidden states: chunked (no [B, T, V]) when cfg.loss_chunk > 0."""
+    if targets.shape != hidden.shape[:2] or weights.shape != hidden.shape[:2]:
+        raise ValueError(f"targets and weights must be [B, T] = {hidden.shape[:2]}, got {targets.shape} and "
+                         f"{weights.shape}")
+    if cfg.loss_chunk > 0:
+        return chunked_cross_entropy(hidden, matrix, bias, targets, weights, chunk=cfg.loss_chunk,
+                                     head_layout=layout)
+    return token_cross_entropy(lm_logits(hidden, matrix, bias, layout), targets, weights)  # via [B, T, V] f32
