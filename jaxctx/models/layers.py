@@ -215,7 +215,9 @@ class Attention(nn.Module):
                 y = y + bias.astype(dtype)
             return constrain(y, BTHK)
 
-        bias = (lambda name: getattr(self, name)) if self.use_bias else (lambda name: None)
+        def bias(name):
+            return getattr(self, name) if self.use_bias else None
+
         q = project(self.q_kernel, bias("q_bias"))  # [B, T, H, Dh]
         k = project(self.k_kernel, bias("k_bias"))  # [B, T, Hkv, Dh]
         v = project(self.v_kernel, bias("v_bias"))  # [B, T, Hkv, Dh]
