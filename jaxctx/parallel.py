@@ -32,6 +32,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),  # k/v projections; replicated instead when Hkv does not divide the axis (state.py)
     ("kv", None),
     ("mlp", "tensor"),
     ("positions", None),
@@ -41,6 +42,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
+    ("activation_kv_heads", None),  # GQA: Hkv may be smaller than the tensor axis; XLA gathers k/v as needed
     ("activation_kv", None),
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),

@@ -31,7 +31,9 @@ from jaxctx.ops.feedforward import (blockwise_feedforward, chunked_cross_entropy
 
 # Logical names of the main activations.
 BTE = ("activation_batch", "activation_length", "activation_embed")  # residual stream [B, T, D]
-BTHK = ("activation_batch", "activation_length", "activation_heads", "activation_kv")  # q/k/v [B, T, H, Dh]
+BTHK = ("activation_batch", "activation_length", "activation_heads", "activation_kv")  # q, out [B, T, H, Dh]
+# k/v [B, T, Hkv, Dh]: their own head name, because Hkv (GQA) may not divide the tensor-parallel axis.
+BTKK = ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv")
 BTF = ("activation_batch", "activation_length", "activation_mlp")  # MLP hidden [B, T, F]
 BTV = ("activation_batch", "activation_length", "activation_vocab")  # logits [B, T, V]
 
@@ -197,30 +199,30 @@ class Attention(nn.Module):
         d, h, hkv, dh = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         init, out_init = normal(cfg.initializer_range), normal(self.out_std or cfg.initializer_range)
         self.q_kernel = make_param(self, "q_kernel", init, (d, h, dh), ("embed", "heads", "kv"))
-        self.k_kernel = make_param(self, "k_kernel", init, (d, hkv, dh), ("embed", "heads", "kv"))
-        self.v_kernel = make_param(self, "v_kernel", init, (d, hkv, dh), ("embed", "heads", "kv"))
+        self.k_kernel = make_param(self, "k_kernel", init, (d, hkv, dh), ("embed", "kv_heads", "kv"))
+        self.v_kernel = make_param(self, "v_kernel", init, (d, hkv, dh), ("embed", "kv_heads", "kv"))
         self.o_kernel = make_param(self, "o_kernel", out_init, (h, dh, d), ("heads", "kv", "embed"))
         if self.use_bias:
             self.q_bias = make_param(self, "q_bias", zeros, (h, dh), ("heads", "kv"))
-            self.k_bias = make_param(self, "k_bias", zeros, (hkv, dh), ("heads", "kv"))
-            self.v_bias = make_param(self, "v_bias", zeros, (hkv, dh), ("heads", "kv"))
+            self.k_bias = make_param(self, "k_bias", zeros, (hkv, dh), ("kv_heads", "kv"))
+            self.v_bias = make_param(self, "v_bias", zeros, (hkv, dh), ("kv_heads", "kv"))
             self.o_bias = make_param(self, "o_bias", zeros, (d,), ("embed",))
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None, rope: tuple | None) -> jax.Array:
         cfg, dtype = self.cfg, compute_dtype(self.cfg)
 
-        def project(kernel, bias):
+        def project(kernel, bias, names):
             y = jnp.einsum("btd,dhk->bthk", x, kernel.astype(dtype))  # [B, T, H or Hkv, Dh]
             if bias is not None:
                 y = y + bias.astype(dtype)
-            return constrain(y, BTHK)
+            return constrain(y, names)
 
         def bias(name):
             return getattr(self, name) if self.use_bias else None
 
-        q = project(self.q_kernel, bias("q_bias"))  # [B, T, H, Dh]
-        k = project(self.k_kernel, bias("k_bias"))  # [B, T, Hkv, Dh]
-        v = project(self.v_kernel, bias("v_bias"))  # [B, T, Hkv, Dh]
+        q = project(self.q_kernel, bias("q_bias"), BTHK)  # [B, T, H, Dh]
+        k = project(self.k_kernel, bias("k_bias"), BTKK)  # [B, T, Hkv, Dh]
+        v = project(self.v_kernel, bias("v_bias"), BTKK)  # [B, T, Hkv, Dh]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v, causal=cfg.causal, segment_ids=segment_ids, impl=cfg.attention,

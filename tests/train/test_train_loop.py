@@ -90,10 +90,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert saved > 5 and str(saved) in os.listdir(tmp_path / "checkpoints")
 
 
-def test_sharded_mesh_matches_one_device(tmp_path):
-    """data x fsdp x tensor = 2 x 2 x 2 over 8 fake CPU devices gives the 1-device losses."""
+@pytest.mark.parametrize("model", [("model.family=gpt2",), ("model.family=llama", "model.num_kv_heads=1")],
+                         ids=["gpt2", "llama-gqa"])
+def test_sharded_mesh_matches_one_device(tmp_path, model):
+    """data x fsdp x tensor = 2 x 2 x 2 over 8 fake CPU devices gives the 1-device losses (GQA with a single
+    k/v head, which cannot be split over the tensor axis, included)."""
     assert len(jax.devices()) >= 8
-    base = ("train.steps=6", "train.log_every=1", "model.num_heads=4", "data.validation_fraction=0")
+    base = ("train.steps=6", "train.log_every=1", "model.num_heads=4", "data.validation_fraction=0", *model)
     assert run(tiny(*base), str(tmp_path / "one"), devices=jax.devices()[:1]) == 0
     sharded = tiny(*base, "parallel.data=2", "parallel.fsdp=2", "parallel.tensor=2")
     assert run(sharded, str(tmp_path / "eight"), devices=jax.devices()[:8]) == 0
