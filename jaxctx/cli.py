@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "jaxctx.train.cli",
     "jaxctx.bench.cli",
     "jaxctx.data.cli",
+    "jaxctx.convert.cli",
 )
 
 

@@ -1,0 +1,239 @@
+"""Hugging Face <-> jaxctx conversion: the Python API and the two directory-to-directory jobs of the CLI.
+
+    cfg, params = from_hf("gpt2-dir")                      # params: numpy f32, the tree build(cfg).init makes
+    logits = jaxctx.models.build(cfg).apply({"params": params}, input_ids)
+    to_hf(cfg, params, "out-dir", dtype="bfloat16")         # config.json + safetensors, loadable by transformers
+
+    import_checkpoint("gpt2-dir", "ckpt")   # `jaxctx convert from-hf`: a params-only jaxctx checkpoint
+    export_checkpoint("workdir", "hf-out")  # `jaxctx convert to-hf`: latest checkpoint of a workdir/checkpoint
+
+The families (hf_gpt2.py, hf_bert.py, hf_llama.py) hold the config maps and the tensor rules; mapping.py the
+layout transforms and the checks; io.py the files. A from-hf checkpoint directory is an Orbax checkpoint root
+(`jaxctx.checkpoint.save_params`, step 0, meta {"config", "step", "source"}) plus two extras that the checkpoint
+manager ignores: `config.yaml` (the converted config, ready for `train.py --config`) and `hf_files/` (the source
+config.json, tokenizer and generation config), which `to-hf` carries back out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+
+import numpy as np
+
+from jaxctx import config as config_lib
+from jaxctx.config import Config, DataConfig, ModelConfig
+from jaxctx.convert import hf_bert, hf_gpt2, hf_llama, io, mapping
+from jaxctx.convert.errors import ConvertError, TensorMismatchError, UnsupportedModelError
+
+FAMILIES = {module.MODEL_TYPE: module for module in (hf_gpt2, hf_bert, hf_llama)}  # HF model_type = our family
+HF_FILES = "hf_files"  # side directory of a from-hf checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HF -> jaxctx
+# ----------------------------------------------------------------------------------------------------------
+
+def _family(hf: dict, where: str):
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(f"{where}: model_type={model_type!r} is not supported; jaxctx converts "
+                                    f"{', '.join(FAMILIES)}")
+    family = FAMILIES[model_type]
+    architectures = hf.get("architectures") or []
+    if architectures and not set(architectures) & set(family.ARCHITECTURES):
+        raise UnsupportedModelError(f"{where}: architectures={architectures} is not supported for {model_type}; "
+                                    f"jaxctx converts {', '.join(family.ARCHITECTURES)}")
+    return family
+
+
+def from_hf(hf_dir: str, *, max_positions: int | None = None, extend_positions: str | None = None,
+            scan_layers: bool = True) -> tuple[Config, dict]:
+    """Read a HF directory (config.json + safetensors) -> (resolved Config, params as numpy float32).
+
+    params is exactly the tree `jaxctx.models.build(cfg).init` makes (scanned `layers/` with a leading [L] axis
+    when scan_layers, else `layers_0/`, ...). max_positions resizes the learned position table of gpt2/bert with
+    extend_positions (tile | copy | interpolate, default tile; see `mapping.resize_positions`); for llama it only
+    sets max_positions (RoPE has no table).
+    """
+    hf_dir = os.path.abspath(hf_dir)
+    hf = io.read_hf_config(hf_dir)
+    where = os.path.join(hf_dir, io.CONFIG_FILE)
+    family = _family(hf, where)
+    model = ModelConfig(**family.config_from_hf(hf, where), scan_layers=scan_layers)
+    try:
+        model.validate()
+    except config_lib.ConfigError as err:
+        raise UnsupportedModelError(f"{where}: {err}") from None
+    source = io.open_tensors(hf_dir)
+    flat = _tensors_to_params(family, model, source)
+    model, flat = _extend_positions(model, flat, max_positions, extend_positions)
+    params = mapping.unflatten(flat)
+    if scan_layers:
+        params = mapping.scanned(params)
+    data = DataConfig(seq_len=min(DataConfig.seq_len, model.positions))
+    return Config(model=model, data=data).resolved(), params
+
+
+def _tensors_to_params(family, model: ModelConfig, source: io.TensorSource) -> dict[str, np.ndarray]:
+    """Names normalised, buffers dropped, tied copies verified, every name/shape checked, then converted."""
+    names: dict[str, str] = {}  # canonical name -> name in the file
+    for name in source.names():
+        key = family.canonical(name)
+        if key in names:
+            raise TensorMismatchError(f"{source.description}: {names[key]} and {name} are the same tensor "
+                                      f"({key}) under two names")
+        names[key] = name
+    for key in [key for key in names if family.IGNORED.fullmatch(key)]:
+        del names[key]  # buffers (masks, position ids, rotary frequencies): not weights
+    heads = sorted(key for key in names if family.DROPPED.fullmatch(key))
+    if heads:
+        warnings.warn(f"{source.description}: dropped tensors that {family.EXPORT_ARCHITECTURE} does not have: "
+                      f"{', '.join(heads)}", stacklevel=3)
+        for key in heads:
+            del names[key]
+    for copy, original in family.tied_copies(model).items():
+        if copy in names and original in names:
+            if not np.array_equal(source.load(names[copy]), source.load(names[original])):
+                raise TensorMismatchError(f"{source.description}: {copy} differs from {original}, but the config "
+                                          f"ties them (tie_word_embeddings); converting would drop one of them")
+            del names[copy]
+    rules = family.rules(model)
+    found = {key: (source.infos[name].shape, source.infos[name].dtype) for key, name in names.items()}
+    mapping.check_tensors(rules, found, source.description, io.FLOAT_HEADER_DTYPES)
+    our_shapes = mapping.model_shapes(model)
+    flat: dict[str, np.ndarray] = {}
+    for rule in rules:
+        flat.update(mapping.to_ours(rule, source.load_float32(names[rule.hf]), our_shapes))
+    mapping.check_params(our_shapes, flat, "converted params")  # the family's rules cover the whole model
+    return flat
+
+
+def _extend_positions(model: ModelConfig, flat: dict, max_positions: int | None, method: str | None):
+    if max_positions is None:
+        if method is not None:
+            raise ConvertError(f"extend_positions={method!r} needs max_positions (--max-positions N)")
+        return model, flat
+    if not isinstance(max_positions, int) or max_positions <= 0:
+        raise ConvertError(f"max_positions={max_positions!r} must be a positive integer")
+    if model.family == "llama":
+        if method is not None:
+            raise ConvertError("llama has no learned position table to extend (RoPE); pass max_positions alone to "
+                               "set max_position_embeddings")
+    else:
+        method = method or "tile"
+        if method not in mapping.EXTEND_METHODS:
+            raise ConvertError(f"extend_positions={method!r} is not one of {', '.join(mapping.EXTEND_METHODS)}")
+        flat = dict(flat)
+        flat["pos_embed/embedding"] = mapping.resize_positions(flat["pos_embed/embedding"], max_positions, method,
+                                                               model.initializer_range)
+    return dataclasses.replace(model, max_positions=max_positions), flat
+
+
+# ----------------------------------------------------------------------------------------------------------
+# jaxctx -> HF
+# ----------------------------------------------------------------------------------------------------------
+
+def to_hf(cfg: Config | ModelConfig, params, out_dir: str, *, dtype: str = "float32",
+          shard_size: str | int = "5GB", force: bool = False, hf_config: dict | None = None,
+          tokenizer_dir: str | None = None) -> str:
+    """Write params (either layer layout, boxed or not) as a HF directory; returns its absolute path.
+
+    dtype: float32 | bfloat16 | float16 (tensors and config.json "dtype"). shard_size: above it the weights are
+    sharded (model-0000k-of-0000n.safetensors + index). hf_config: a source config.json whose non-architectural
+    keys (token ids, dropout rates) are kept. tokenizer_dir: tokenizer / generation-config files copied along.
+    OUT_DIR appears only once complete; a non-empty OUT_DIR is refused unless force.
+    """
+    model = cfg.resolved().model if isinstance(cfg, Config) else cfg
+    if not isinstance(model, ModelConfig):
+        raise TypeError(f"to_hf expects a jaxctx Config or ModelConfig, got {type(cfg).__name__}")
+    model.validate()
+    if model.max_positions is None:
+        raise ConvertError("model.max_positions is unset; pass a full Config or set it (it becomes the HF "
+                           "n_positions / max_position_embeddings)")
+    family = FAMILIES[model.family]
+    problems = family.export_problems(model)
+    if problems:
+        raise UnsupportedModelError(f"cannot export to transformers: {'; '.join(problems)}")
+    if dtype not in io.DTYPES:
+        raise ConvertError(f"dtype {dtype!r} is not one of {', '.join(io.DTYPES)}")
+    shard_bytes = io.parse_size(shard_size)
+
+    flat = mapping.flatten(mapping.unscanned(params))
+    mapping.check_params(mapping.model_shapes(model), flat, "params")
+    tensors = {rule.hf: io.cast(mapping.to_hf(rule, flat), dtype) for rule in family.rules(model)}
+
+    config_json = {key: hf_config[key] for key in family.CARRY_KEYS if hf_config and key in hf_config}
+    config_json.update(family.config_to_hf(model))
+    config_json["dtype"] = dtype
+    with io.output_dir(out_dir, force=force, sources=tuple(d for d in (tokenizer_dir,) if d)) as tmp:
+        io.write_tensors(tmp, tensors, shard_bytes)
+        io.write_json(os.path.join(tmp, io.CONFIG_FILE), config_json)
+        io.copy_side_files(tokenizer_dir, tmp)
+    return os.path.abspath(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Directory to directory (the CLI)
+# ----------------------------------------------------------------------------------------------------------
+
+def import_checkpoint(hf_dir: str, out_dir: str, *, force: bool = False, max_positions: int | None = None,
+                      extend_positions: str | None = None) -> dict:
+    """`jaxctx convert from-hf`: HF directory -> params-only jaxctx checkpoint (+ config.yaml, hf_files/)."""
+    from jaxctx.checkpoint import save_params
+
+    hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
+    cfg, params = from_hf(hf_dir, max_positions=max_positions, extend_positions=extend_positions)
+    side_files = [name for name in io.SIDE_FILES if os.path.isfile(os.path.join(hf_dir, name))]
+    if io.has_tokenizer_files(hf_dir):  # the converted config trains with the model's own tokenizer
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=os.path.join(out_dir, HF_FILES)))
+    hf = io.read_hf_config(hf_dir)
+    meta = {"config": cfg.to_dict(), "step": 0,
+            "source": {"format": "huggingface", "path": hf_dir, "model_type": hf.get("model_type"),
+                       "architectures": hf.get("architectures")}}
+    with io.output_dir(out_dir, force=force, sources=(hf_dir,)) as tmp:
+        save_params(tmp, params, meta)
+        with open(os.path.join(tmp, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(config_lib.to_yaml(cfg))
+        os.makedirs(os.path.join(tmp, HF_FILES))
+        io.copy_side_files(hf_dir, os.path.join(tmp, HF_FILES), io.SIDE_FILES + (io.CONFIG_FILE,))
+    return {"out_dir": out_dir, "config": cfg, "params": _count(params), "side_files": side_files}
+
+
+def export_checkpoint(src: str, out_dir: str, *, force: bool = False, dtype: str = "float32",
+                      shard_size: str | int = "5GB", step: int | None = None) -> dict:
+    """`jaxctx convert to-hf`: a checkpoint root or training workdir (latest step) -> HF directory."""
+    from jaxctx.checkpoint import checkpoint_dir, load_params
+
+    src = os.path.abspath(src)
+    root = checkpoint_dir(src)
+    params, meta = load_params(src, step=step)
+    if "config" not in meta:
+        raise ConvertError(f"{root}: checkpoint meta has no \"config\"; cannot tell which model it holds")
+    cfg = config_lib.from_dict(meta["config"]).resolved()
+    side_dir = _side_dir(src, root, cfg)
+    hf_config = None
+    if side_dir and os.path.isfile(os.path.join(side_dir, io.CONFIG_FILE)):
+        hf_config = io.read_hf_config(side_dir)
+    tokenizer_dir = side_dir if io.has_tokenizer_files(side_dir) else None
+    if tokenizer_dir is None and io.has_tokenizer_files(cfg.data.tokenizer):
+        tokenizer_dir = cfg.data.tokenizer
+    if out_dir and os.path.abspath(out_dir) in (src, root):
+        raise ConvertError(f"output directory {out_dir} would replace the input checkpoint; choose another OUT_DIR")
+    path = to_hf(cfg, params, out_dir, dtype=dtype, shard_size=shard_size, force=force, hf_config=hf_config,
+                 tokenizer_dir=tokenizer_dir)
+    return {"out_dir": path, "config": cfg, "step": meta.get("step"), "params": _count(params),
+            "files": sorted(os.listdir(path)), "tokenizer_dir": tokenizer_dir}
+
+
+def _side_dir(src: str, root: str, cfg: Config) -> str | None:
+    """hf_files/ of a from-hf checkpoint: in the checkpoint itself, or in the one a workdir was initialised from."""
+    candidates = [os.path.join(root, HF_FILES), os.path.join(src, HF_FILES)]
+    if cfg.train.init_from:
+        candidates.append(os.path.join(os.path.abspath(cfg.train.init_from), HF_FILES))
+    return next((c for c in candidates if os.path.isdir(c)), None)
+
+
+def _count(params) -> int:
+    return int(sum(np.size(x) for x in mapping.flatten(params).values()))
