@@ -1,0 +1,118 @@
+"""LLaMA: parity with transformers' LlamaForCausalLM both ways (GQA, explicit head_dim, tied/untied, RoPE scaling,
+v5 rope_parameters and v4 rope_theta/rope_scaling configs), bit-exact round trip, context length in the config."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxctx import config as config_lib
+from jaxctx.convert import from_hf, to_hf
+
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 4.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+CASES = {
+    "gqa_untied": {},
+    "tied_linear": dict(tie_word_embeddings=True, rope_parameters={"rope_type": "linear", "rope_theta": 500.0,
+                                                                   "factor": 2.0}),
+    "head_dim12_llama3": dict(head_dim=12, num_key_value_heads=3, rope_parameters=LLAMA3),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_import_matches_transformers(hf, saved, tmp_path, case):
+    if case == "gqa_untied":
+        model, path = saved("llama")
+    else:
+        model = hf.model("llama", **CASES[case])
+        path = hf.save(model, tmp_path / case)
+    cfg, params = from_hf(path)
+    m = cfg.model
+    assert (m.num_heads, m.kv_heads, m.dim_per_head) == (6, model.config.num_key_value_heads, model.config.head_dim)
+    assert m.tied == model.config.tie_word_embeddings and ("lm_head" in params) != m.tied
+    inputs = [hf.ids((2, 17), seed=1)] + ([hf.ids((1, 64), seed=2)] if case == "gqa_untied" else [])
+    for ids in inputs:
+        err = np.abs(hf.ours(cfg, params, ids) - hf.logits(model, ids)).max()
+        print(f"llama {case} import: max |logits - transformers| = {err:.2e}")
+        assert err < hf.TOL, err
+
+
+def test_v4_config_keys_rope_theta_and_rope_scaling(hf, tmp_path):
+    """A transformers 4.x config.json (rope_theta + rope_scaling with the legacy "type" key) reads the same."""
+    model = hf.model("llama", **CASES["tied_linear"])
+    path = hf.save(model, tmp_path / "v4")
+    config = json.loads(open(os.path.join(path, "config.json")).read())
+    del config["rope_parameters"]
+    config.update(rope_theta=500.0, rope_scaling={"type": "linear", "factor": 2.0})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    cfg, params = from_hf(path)
+    assert (cfg.model.rope_theta, dict(cfg.model.rope_scaling)) == (500.0, {"rope_type": "linear", "factor": 2.0})
+    ids = hf.ids((2, 17), seed=1)
+    assert np.abs(hf.ours(cfg, params, ids) - hf.logits(model, ids)).max() < hf.TOL
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_export_of_jaxctx_model_loads_and_matches(hf, tmp_path, tied):
+    model_cfg = {"family": "llama", "num_layers": 3, "num_heads": 6, "num_kv_heads": 2, "d_model": 48,
+                 "d_ff": 72, "vocab_size": 101, "tie_embeddings": tied, "max_positions": 64}
+    if tied:  # llama3 scaling without original_max_position_embeddings: ours falls back to max_positions
+        model_cfg.update(head_dim=12, rope_theta=500.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0})
+    cfg = config_lib.from_dict({"model": model_cfg, "data": {"seq_len": 64}}).resolved()
+    params = hf.jaxctx_params(cfg)
+    to_hf(cfg, params, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 64 and config["tie_word_embeddings"] == tied
+    if tied:
+        assert config["rope_parameters"]["original_max_position_embeddings"] == 64
+    model = hf.load(tmp_path / "out", "llama")
+    ids = hf.ids((2, 17), seed=3)
+    err = np.abs(hf.ours(cfg, params, ids) - hf.logits(model, ids)).max()
+    print(f"llama export tied={tied}: max |logits - transformers| = {err:.2e}")
+    assert err < hf.TOL, err
+
+
+def test_bf16_import_export_is_bit_exact(hf, tmp_path):
+    model = hf.model("llama", **CASES["head_dim12_llama3"])
+    path = hf.save(model, tmp_path / "bf16", dtype="bfloat16")
+    cfg, params = from_hf(path)
+    assert params["token_embed"]["embedding"].dtype == np.float32
+    to_hf(cfg, params, tmp_path / "out", dtype="bfloat16")
+    exported = hf.tensors(tmp_path / "out")
+    assert {str(a.dtype) for a in exported.values()} == {"bfloat16"}
+    hf.assert_same_tensors(hf.tensors(path), exported)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_longer_context_is_written_to_the_config(hf, tmp_path):
+    path = hf.save(hf.model("llama", num_hidden_layers=1, rope_parameters=LLAMA3), tmp_path / "short")
+    cfg, params = from_hf(path, max_positions=256)
+    assert cfg.model.max_positions == 256
+    assert cfg.model.rope_scaling["original_max_position_embeddings"] == 16  # the frequencies do not move
+    to_hf(cfg, params, tmp_path / "long")
+    config = json.loads((tmp_path / "long" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 256
+    assert config["rope_parameters"] == LLAMA3
+    with pytest.raises(ValueError, match="llama has no learned position table"):
+        from_hf(path, max_positions=256, extend_positions="tile")
+
+
+@pytest.mark.parametrize("rope, message", [
+    ({"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}, "rope_type='dynamic' is not supported"),
+    ({"rope_type": "linear", "rope_theta": 1e4}, "rope linear scaling lacks factor"),
+])
+def test_unsupported_rope_is_named(saved, tmp_path, rope, message):
+    _, path = saved("llama")
+    config = json.loads(open(os.path.join(path, "config.json")).read())
+    config["rope_parameters"] = rope
+    config["hidden_act"] = "gelu"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(config))
+    os.symlink(os.path.join(path, "model.safetensors"), bad / "model.safetensors")
+    with pytest.raises(ValueError, match=message) as err:
+        from_hf(str(bad))
+    assert "hidden_act='gelu' is not supported" in str(err.value)  # every problem in one message
