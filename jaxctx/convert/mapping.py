@@ -154,11 +154,15 @@ def unscanned(params) -> dict:
 
 
 def scanned(params: dict) -> dict:
-    """Unscanned numpy params -> the nn.scan layout (`layers/...` with a leading [L] axis), numpy."""
-    from jaxctx.models import stack_layers
+    """Unscanned numpy params -> the nn.scan layout (`layers/...` with a leading [L] axis).
 
-    stacked = stack_layers(params)
-    return unflatten({path: np.asarray(x) for path, x in flatten(stacked).items()})
+    Like `jaxctx.models.stack_layers`, but stacks with numpy so a large model never passes through a device.
+    """
+    params = dict(params)
+    num_layers = sum(1 for key in params if key.startswith("layers_"))
+    blocks = [flatten(params.pop(f"layers_{i}")) for i in range(num_layers)]
+    params["layers"] = unflatten({path: np.stack([block[path] for block in blocks]) for path in blocks[0]})
+    return params
 
 
 # ----------------------------------------------------------------------------------------------------------
