@@ -21,7 +21,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_import_matches_transformers(hf, saved, tmp_path, case):
+def test_import_matches_transformers_and_exports_bit_exact(hf, saved, tmp_path, case):
     if case == "gqa_untied":
         model, path = saved("llama")
     else:
@@ -36,6 +36,8 @@ def test_import_matches_transformers(hf, saved, tmp_path, case):
         err = np.abs(hf.ours(cfg, params, ids) - hf.logits(model, ids)).max()
         print(f"llama {case} import: max |logits - transformers| = {err:.2e}")
         assert err < hf.TOL, err
+    to_hf(cfg, params, tmp_path / "out")  # import -> export: the same tensors, bit for bit
+    hf.assert_same_tensors(hf.tensors(path), hf.tensors(tmp_path / "out"))
 
 
 def test_v4_config_keys_rope_theta_and_rope_scaling(hf, tmp_path):
