@@ -259,6 +259,11 @@ class Config:
     def validate(self) -> None:
         for section in (self.model, self.data, self.train, self.parallel):
             section.validate()
+        for key in ("attention_block_q", "attention_block_k", "mlp_chunk", "loss_chunk"):
+            size = getattr(self.model, key)
+            if size and size > self.data.seq_len:
+                raise ConfigError(f"model.{key}={size} exceeds data.seq_len={self.data.seq_len}; use a block or "
+                                  f"chunk no longer than the sequence (or 0/null for the default)")
         if self.model.max_positions is not None and self.model.family != "llama":
             if self.data.seq_len > self.model.max_positions:
                 raise ConfigError(

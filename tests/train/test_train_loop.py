@@ -151,6 +151,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys):
     ("parallel.data=3", "must equal the device count"),
     ("model.num_heads=3", "divisible by model.num_heads"),
     ("train.steps=0", "positive integer"),
+    ("model.attention_block_q=4096", "exceeds data.seq_len=128"),
 ])
 def test_config_errors_are_clear(tmp_path, override, message):
     with pytest.raises(config_lib.ConfigError, match=message):
