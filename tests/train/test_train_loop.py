@@ -156,3 +156,15 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys):
 def test_config_errors_are_clear(tmp_path, override, message):
     with pytest.raises(config_lib.ConfigError, match=message):
         run(tiny(override), str(tmp_path), devices=jax.devices()[:2])
+
+
+def test_jaxctx_train_cli(tmp_path, capsys):
+    """`jaxctx train` is the same job: here on all 8 fake devices (data axis fills the mesh)."""
+    from jaxctx.cli import main
+    args = ["train", "--config", TINY, "--workdir", str(tmp_path), "--set", "train.steps=2",
+            "--set", "data.validation_fraction=0"]
+    assert main(args) == 0
+    assert [r["step"] for r in read_metrics(tmp_path)] == [2]
+    assert "'data': 8" in capsys.readouterr().err
+    assert main(["train", "--config", TINY, "--set", "model.d_modl=3"]) == 2
+    assert "did you mean 'd_model'" in capsys.readouterr().err
