@@ -93,9 +93,15 @@ def _block_mask(i, j, bq, bk, q_seg, k_seg, causal):
     return mask
 
 
-def _scores(q_blk, k_blk):
-    """[B, bq, Hkv, G, D] x [B, bk, Hkv, D] -> [B, Hkv, G, bq, bk] float32 (q already scaled)."""
-    return jnp.einsum("bqhgd,bkhd->bhgqk", q_blk, k_blk, preferred_element_type=jnp.float32)
+def _masked_scores(q_blk, k_blk, i, j, bq, bk, q_seg, k_seg, causal):
+    """Scores of query block i against key block j, -inf where not visible.
+
+    [B, bq, Hkv, G, D] x [B, bk, Hkv, D] -> [B, Hkv, G, bq, bk] float32 (q already scaled). `causal` is True only
+    for blocks straddling the diagonal; blocks wholly before it need no mask unless segment ids are given.
+    """
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", q_blk, k_blk, preferred_element_type=jnp.float32)
+    mask = _block_mask(i, j, bq, bk, q_seg, k_seg, causal)
+    return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
 
 def _causal_ranges(i_or_j, bq, bk, n_other, *, over_keys: bool):
@@ -126,7 +132,6 @@ def _forward(q, k, v, q_seg, k_seg, causal, bq, bk):
     b, tq, hkv, g, d = q.shape
     nq, nk = tq // bq, k.shape[1] // bk
     scale = 1.0 / (d ** 0.5)
-    use_mask_always = q_seg is not None
 
     def query_block(i, carry):
         out_buf, lse_buf = carry
@@ -136,11 +141,7 @@ def _forward(q, k, v, q_seg, k_seg, causal, bq, bk):
             m, l, acc = state  # [B, Hkv, G, bq], [B, Hkv, G, bq], [B, Hkv, G, bq, D]
             k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
             v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
-            s = _scores(q_blk, k_blk)  # [B, Hkv, G, bq, bk]
-            if masked or use_mask_always:
-                mask = _block_mask(i, j, bq, bk, q_seg, k_seg, causal and masked)
-                if mask is not None:
-                    s = jnp.where(mask, s, -jnp.inf)
+            s = _masked_scores(q_blk, k_blk, i, j, bq, bk, q_seg, k_seg, causal and masked)  # [B, Hkv, G, bq, bk]
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet: exp(-inf) = 0
             p = jnp.exp(s - m_safe[..., None])
@@ -181,7 +182,6 @@ def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, causal, bq, bk):
     tk = k.shape[1]
     nq, nk = tq // bq, tk // bk
     scale = 1.0 / (d ** 0.5)
-    use_mask_always = q_seg is not None
     # delta_i = rowsum(dO_i * O_i): the softmax-Jacobian term, [B, Hkv, G, Tq]
     delta = jnp.einsum("bqhgd,bqhgd->bhgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
 
@@ -196,11 +196,7 @@ def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, causal, bq, bk):
             do_blk = lax.dynamic_slice_in_dim(d_out, i * bq, bq, axis=1)  # [B, bq, Hkv, G, D]
             lse_blk = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)  # [B, Hkv, G, bq]
             delta_blk = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
-            s = _scores(q_blk, k_blk)  # [B, Hkv, G, bq, bk]
-            if masked or use_mask_always:
-                mask = _block_mask(i, j, bq, bk, q_seg, k_seg, causal and masked)
-                if mask is not None:
-                    s = jnp.where(mask, s, -jnp.inf)
+            s = _masked_scores(q_blk, k_blk, i, j, bq, bk, q_seg, k_seg, causal and masked)  # [B, Hkv, G, bq, bk]
             p = jnp.exp(s - lse_blk[..., None])  # exact softmax probabilities of this block
             dv_acc = dv_acc + jnp.einsum("bhgqk,bqhgd->bhkd", p.astype(do_blk.dtype), do_blk,
                                          preferred_element_type=jnp.float32)
