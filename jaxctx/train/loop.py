@@ -118,6 +118,8 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
         if is_main:  # rows logged after the checkpoint (by a run that then died) will be logged again
             _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
         _log(f"resumed from {ckpt.directory} at step {start}")
+        if start >= cfg.train.steps:
+            _log(f"already at train.steps={cfg.train.steps}: nothing to train (raise train.steps to continue)")
     else:
         state = runner.init(cfg.train.seed)
         if cfg.train.init_from:
