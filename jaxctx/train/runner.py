@@ -86,6 +86,12 @@ class JitRunner:
         with jax.set_mesh(self.mesh):
             return self._step(state, batch)
 
+    def lower(self, batch):
+        """The jitted step lowered for `batch` (arrays or `jax.ShapeDtypeStruct`s with the batch sharding) and the
+        abstract state: `.compile()` gives its memory analysis before anything is allocated (jaxctx.bench)."""
+        with jax.set_mesh(self.mesh):
+            return self._step.lower(self._abstract, batch)
+
     def eval(self, state, batch):
         with jax.set_mesh(self.mesh):
             return self._eval(state.params, batch)
