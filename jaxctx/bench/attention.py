@@ -3,7 +3,10 @@
 For each (impl, T) the forward and the forward+backward are compiled ahead of time from abstract shapes; their
 compiled temp memory decides, before any input is allocated, whether the configuration fits the memory budget.
 Configurations that fit are timed (median of repeats after warm-up) and reported as milliseconds, useful
-GFLOP/s (conventions in `jaxctx.bench.flops`) and the fraction of a matmul rate measured in the same run.
+GFLOP/s and TFLOP/s (conventions in `jaxctx.bench.flops`), the fraction of a matmul rate measured in the same run,
+the fraction of the device's peak (`machine.device_peak`: a data-sheet peak on GPU/TPU, that matmul on CPU) and,
+where the backend reports it, the device's peak memory. `trace_dir` adds a `jax.profiler` trace of a few
+forward+backward calls per configuration, taken after timing.
 Configurations that do not fit are kept as rows with status "skipped: ..." so a table shows *why* a cell is
 empty (e.g. the reference kernel's T x T scores at T=32768) instead of the sweep dying on an OOM.
 """
@@ -12,14 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from jaxctx.bench.flops import ATTENTION_FLOP_CONVENTION, attention_flops
-from jaxctx.bench.machine import machine_info, matmul_rate, memory_budget
-from jaxctx.bench.measure import GIB, MIB, Compiled, compile_ahead, format_bytes, time_call
+from jaxctx.bench.machine import device_peak, machine_info, matmul_rate, memory_budget, peak_device_memory_bytes
+from jaxctx.bench.measure import GIB, MIB, Compiled, compile_ahead, format_bytes, profiler_trace, time_call
 from jaxctx.ops.attention import IMPLS, attention, resolve_impl
 
 DEFAULT_SEQ_LENS = tuple(2 ** p for p in range(10, 16))  # 1024 ... 32768
@@ -81,6 +85,8 @@ class AttentionBenchConfig:
     warmup: int = 1  # untimed calls before timing
     max_temp_gb: float | None = None  # temp-memory budget in GiB (None = machine default, see memory_budget)
     matmul_size: int | None = None  # n of the n x n matmul reference (None = machine default)
+    trace_dir: str | None = None  # jax.profiler trace of `trace_steps` fwd+bwd calls per configuration, or None
+    trace_steps: int = 3  # calls traced (after timing, so tracing never slows a reported number)
 
     def validated(self) -> "AttentionBenchConfig":
         """Check every field; return a copy with defaults filled in (impls, kv_heads) and seq_lens sorted."""
@@ -90,6 +96,8 @@ class AttentionBenchConfig:
         kv_heads = self.heads if self.kv_heads is None else self.kv_heads
         positive = {"batch": self.batch, "heads": self.heads, "kv_heads": kv_heads, "head_dim": self.head_dim,
                     "repeats": self.repeats}
+        if self.trace_dir is not None:
+            positive["trace_steps"] = self.trace_steps
         for flag in ("block_q", "block_k", "matmul_size"):
             if getattr(self, flag) is not None:
                 positive[flag] = getattr(self, flag)
@@ -175,17 +183,18 @@ def _short_error(err: BaseException) -> str:
 
 
 def _measure_row(cfg: AttentionBenchConfig, impl: str, t: int, budget: int | None, matmul_gflops: float,
-                 inputs: Callable[[], dict[str, tuple]]) -> dict[str, Any]:
+                 inputs: Callable[[], dict[str, tuple]], peak_tflops: float | None = None) -> dict[str, Any]:
     flops = attention_flops(cfg.batch, cfg.heads, t, cfg.head_dim, causal=cfg.causal)
     row: dict[str, Any] = {
         "impl": impl, "kernel": resolve_impl(impl), "seq_len": t, "batch": cfg.batch, "heads": cfg.heads,
         "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "dtype": cfg.dtype, "causal": cfg.causal,
-        "block_q": cfg.block_q, "block_k": cfg.block_k, "status": "ok",
+        "block_q": cfg.block_q, "block_k": cfg.block_k, "status": "ok", "peak_device_mib": None, "trace": None,
     }
     fns, abstract = _attention_fns(cfg, impl), _abstract_inputs(cfg, t)
     for phase in PHASES:
         row.update({f"{phase}_status": "ok", f"{phase}_gflop": flops[phase] / 1e9, f"{phase}_ms": None,
                     f"{phase}_min_ms": None, f"{phase}_gflop_per_s": None, f"{phase}_matmul_fraction": None,
+                    f"{phase}_tflop_per_s": None, f"{phase}_peak_fraction": None,
                     f"{phase}_temp_bytes": None, f"{phase}_temp_mib": None, f"{phase}_argument_mib": None,
                     f"{phase}_output_mib": None, f"{phase}_compile_s": None})
         try:
@@ -194,8 +203,8 @@ def _measure_row(cfg: AttentionBenchConfig, impl: str, t: int, budget: int | Non
             row[f"{phase}_status"] = f"error: compile failed: {_short_error(err)}"
             continue
         mem = compiled.memory
-        row.update({f"{phase}_temp_bytes": mem.temp_bytes, f"{phase}_temp_mib": _mib(mem.temp_bytes), f"{phase}_argument_mib": _mib(mem.argument_bytes),
-                    f"{phase}_output_mib": _mib(mem.output_bytes),
+        row.update({f"{phase}_temp_bytes": mem.temp_bytes, f"{phase}_temp_mib": _mib(mem.temp_bytes),
+                    f"{phase}_argument_mib": _mib(mem.argument_bytes), f"{phase}_output_mib": _mib(mem.output_bytes),
                     f"{phase}_compile_s": round(compiled.compile_s, 3)})
         if budget is not None and mem.temp_bytes is not None and mem.temp_bytes > budget:
             row[f"{phase}_status"] = (f"skipped: needs {format_bytes(mem.temp_bytes)} temp > budget "
@@ -209,8 +218,17 @@ def _measure_row(cfg: AttentionBenchConfig, impl: str, t: int, budget: int | Non
             continue
         rate = flops[phase] / timing.median_s / 1e9
         row.update({f"{phase}_ms": _sig(timing.median_s * 1e3), f"{phase}_min_ms": _sig(timing.min_s * 1e3),
-                    f"{phase}_gflop_per_s": _sig(rate),
-                    f"{phase}_matmul_fraction": _sig(rate / matmul_gflops) if matmul_gflops else None})
+                    f"{phase}_gflop_per_s": _sig(rate), f"{phase}_tflop_per_s": _sig(rate / 1e3),
+                    f"{phase}_matmul_fraction": _sig(rate / matmul_gflops) if matmul_gflops else None,
+                    f"{phase}_peak_fraction": _sig(rate / 1e3 / peak_tflops) if peak_tflops else None})
+        if phase == "fwd_bwd" and cfg.trace_dir is not None:
+            trace_dir = os.path.join(cfg.trace_dir, f"{impl}-T{t}")
+            with profiler_trace(trace_dir):
+                for _ in range(cfg.trace_steps):
+                    jax.block_until_ready(compiled.executable(*args))
+            row["trace"] = trace_dir
+    peak = peak_device_memory_bytes()
+    row["peak_device_mib"] = _mib(peak)
     # Overall status: the first non-ok phase explains the row (fwd+bwd named so "skipped" says which).
     for phase in PHASES:
         status = row[f"{phase}_status"]
@@ -232,6 +250,7 @@ def run_attention_bench(cfg: AttentionBenchConfig, *, progress: Callable[[str], 
     budget = memory_budget(cfg.max_temp_gb)
     progress(f"machine: measuring {cfg.dtype} matmul rate ...")
     matmul = matmul_rate(cfg.matmul_size, cfg.dtype, repeats=max(cfg.repeats, 3), warmup=max(cfg.warmup, 1))
+    peak = device_peak(cfg.dtype, matmul)
     budget_text = "none" if budget["bytes"] is None else format_bytes(budget["bytes"])
     progress(f"matmul {matmul['n']}x{matmul['n']} {matmul['dtype']}: {matmul['gflop_per_s']:.1f} GFLOP/s; "
              f"temp budget {budget_text} ({budget['source']})")
@@ -244,6 +263,10 @@ def run_attention_bench(cfg: AttentionBenchConfig, *, progress: Callable[[str], 
         "flop_convention": ATTENTION_FLOP_CONVENTION,
         "timing": f"median of {cfg.repeats} calls after {cfg.warmup} warm-up call(s), jax.block_until_ready",
         "matmul": matmul,
+        "peak": peak,
+        "peak_device_memory": "peak_device_mib: memory_stats()['peak_bytes_in_use'] of device 0 after the row, "
+                              "process-wide and monotone (rows run in increasing T); null where the backend "
+                              "reports none (CPU)",
         "memory_budget": {"bytes": budget["bytes"], "gib": None if budget["bytes"] is None
                           else float(f"{budget['bytes'] / GIB:.4g}"), "source": budget["source"],
                           "applies_to": "compiled temp memory (temp_size_in_bytes) of each fwd / fwd+bwd"},
@@ -261,7 +284,7 @@ def run_attention_bench(cfg: AttentionBenchConfig, *, progress: Callable[[str], 
 
         for impl in cfg.impls:
             done += 1
-            row = _measure_row(cfg, impl, t, budget["bytes"], matmul["gflop_per_s"], inputs)
+            row = _measure_row(cfg, impl, t, budget["bytes"], matmul["gflop_per_s"], inputs, peak["tflop_per_s"])
             result["rows"].append(row)
             progress(f"[{done}/{total}] {progress_line(row)}")
             on_row(result)

@@ -43,3 +43,58 @@ def attention_flops(batch: int, heads: int, seq_len: int, head_dim: int, *, caus
 def matmul_flops(n: int) -> float:
     """FLOPs of one n x n by n x n matmul: n^3 multiply-adds = 2 n^3."""
     return 2.0 * n ** 3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train step (model FLOPs utilisation)
+# ----------------------------------------------------------------------------------------------------------
+
+TRAIN_FLOP_CONVENTION = (
+    "model FLOPs per token = 6*N + 12*L*H*Q*T (PaLM, Chowdhery et al. 2022, App. B), the attention term halved "
+    "when causal (6*L*H*Q*T); N = matmul parameters = all parameters except the embedding lookup tables (token, "
+    "position, token-type) plus the output head's V*D once (a tied head is the token table used as a matmul); "
+    "L layers, H query heads, Q head dim, T sequence length; forward + backward = 3 x forward; rematerialised "
+    "(recomputed) FLOPs, softmax, norms and the optimizer update are not counted; MFU = model FLOP/s / peak"
+)
+
+# Top-level param-tree entries that are lookup tables (a gather, not a matmul), excluded from N.
+EMBEDDING_TABLES = ("token_embed", "pos_embed", "type_embed")
+
+
+def matmul_param_count(params, *, vocab_size: int, d_model: int, tied: bool) -> dict[str, int]:
+    """Parameter counts of an (abstract or concrete, unboxed) param tree under TRAIN_FLOP_CONVENTION.
+
+    Returns {"total", "embedding" (lookup tables), "non_embedding", "head" (V*D counted as matmul), "matmul"
+    (= N: non_embedding + head if the head is tied; an untied head is already a non-embedding kernel)}.
+    """
+    import math
+
+    import jax
+
+    def size(tree) -> int:
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+    total = size(params)
+    embedding = sum(size(params[name]) for name in EMBEDDING_TABLES if name in params)
+    non_embedding = total - embedding
+    head = vocab_size * d_model
+    return {"total": total, "embedding": embedding, "non_embedding": non_embedding, "head": head,
+            "matmul": non_embedding + (head if tied else 0)}
+
+
+def train_flops_per_token(matmul_params: int, *, num_layers: int, heads: int, head_dim: int, seq_len: int,
+                          causal: bool) -> dict[str, float]:
+    """Model FLOPs of one trained token (forward + backward): {"dense": 6N, "attention": ..., "total": ...}.
+
+    >>> train_flops_per_token(100, num_layers=2, heads=4, head_dim=8, seq_len=16, causal=False)["attention"]
+    12288.0
+    """
+    for name, value in (("matmul_params", matmul_params), ("num_layers", num_layers), ("heads", heads),
+                        ("head_dim", head_dim), ("seq_len", seq_len)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"train_flops_per_token: {name} must be a positive integer, got {value!r}")
+    dense = 6.0 * matmul_params
+    attn = 12.0 * num_layers * heads * head_dim * seq_len
+    if causal:
+        attn /= 2.0
+    return {"dense": dense, "attention": attn, "total": dense + attn}

@@ -3,7 +3,8 @@
 Every bench result embeds `machine_info()` so a JSON file read months later still says where it was measured.
 On CPU there is no trustworthy published peak FLOP rate (it depends on cores, clocks, SIMD width and what else
 runs), so benches report the fraction of a large matmul's rate measured in the same run: "how close to the
-best this machine does on dense matmul" is the honest CPU analogue of MFU.
+best this machine does on dense matmul" is the honest CPU analogue of MFU. On GPUs and TPUs `device_peak` looks
+the device kind up in `PEAK_TFLOPS` (vendor dense peaks) and falls back to the measured matmul for unknown kinds.
 """
 
 from __future__ import annotations
@@ -140,3 +141,73 @@ def matmul_rate(n: int | None = None, dtype: str = "float32", *, repeats: int = 
         "gflop_per_s": matmul_flops(n) / timing.median_s / 1e9,
         "repeats": repeats,
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Peak FLOP rates and peak memory
+# ----------------------------------------------------------------------------------------------------------
+
+# Dense (no sparsity) peak TFLOP/s per JAX device, from the vendors' data sheets. Keys are matched as substrings
+# of `device.device_kind`, first match wins (so "H100 PCIe" precedes "H100"). float32 on NVIDIA tensor-core GPUs
+# is the TF32 rate: JAX's default matmul precision lets XLA use TF32 for f32 dots there. TPUs have no f32 matmul
+# unit (f32 dots are several bf16 passes), so f32 is compared against the bf16 peak. TPU v2/v3 expose each of a
+# chip's two cores as a device, hence half the chip's number.
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("GH200", {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7}),
+    ("H200", {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7}),
+    ("H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "float32": 378.0}),
+    ("H100", {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7}),  # SXM
+    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),
+    ("L4", {"bfloat16": 121.0, "float16": 121.0, "float32": 60.0}),
+    ("V100", {"float16": 125.0, "float32": 15.7}),
+    ("T4", {"float16": 65.0, "float32": 8.1}),
+    ("TPU v6 lite", {"bfloat16": 918.0, "float32": 918.0}),  # Trillium (v6e)
+    ("TPU v5 lite", {"bfloat16": 197.0, "float32": 197.0}),  # v5e
+    ("TPU v5", {"bfloat16": 459.0, "float32": 459.0}),  # v5p
+    ("TPU v4", {"bfloat16": 275.0, "float32": 275.0}),
+    ("TPU v3", {"bfloat16": 61.5, "float32": 61.5}),  # per core
+    ("TPU v2", {"bfloat16": 22.5, "float32": 22.5}),  # per core
+)
+
+
+def known_peak_tflops(device_kind: str, dtype: str) -> float | None:
+    """The table's dense peak for a device kind and dtype, or None when the kind or dtype is not listed."""
+    for key, peaks in PEAK_TFLOPS:
+        if key.lower() in device_kind.lower():
+            return peaks.get(dtype)
+    return None
+
+
+def device_peak(dtype: str, matmul: dict | None = None, *, backend: str | None = None,
+                device_kind: str | None = None) -> dict[str, Any]:
+    """The FLOP rate "fraction of peak" and MFU divide by: {"tflop_per_s", "dtype", "source"}.
+
+    GPU/TPU: the `PEAK_TFLOPS` entry of this device kind. CPU, or a kind not in the table: the rate of the
+    `matmul` measured in the same run (`matmul_rate(...)`), so the fraction is still defined; None if neither.
+    """
+    backend = backend or jax.default_backend()
+    device_kind = device_kind or jax.devices()[0].device_kind
+    if backend != "cpu":
+        peak = known_peak_tflops(device_kind, dtype)
+        if peak is not None:
+            return {"tflop_per_s": peak, "dtype": dtype,
+                    "source": f"data-sheet dense peak of {device_kind} ({dtype}), jaxctx.bench.machine.PEAK_TFLOPS"}
+    if matmul is not None:
+        why = "CPU: no published peak" if backend == "cpu" else f"{device_kind} not in PEAK_TFLOPS"
+        return {"tflop_per_s": float(f"{matmul['gflop_per_s'] / 1e3:.4g}"), "dtype": matmul["dtype"],
+                "source": f"measured in this run: {matmul['n']}x{matmul['n']} {matmul['dtype']} matmul ({why})"}
+    return {"tflop_per_s": None, "dtype": dtype, "source": f"unknown ({device_kind} not in PEAK_TFLOPS)"}
+
+
+def peak_device_memory_bytes(device=None) -> int | None:
+    """`memory_stats()["peak_bytes_in_use"]` of a device (default: the first), None where not reported (CPU).
+
+    The peak covers the whole process so far (jax cannot reset it), so in a sweep it is an upper bound that only
+    grows; benches run lengths in increasing order, where the row's own peak is the one that counts.
+    """
+    device = device or jax.devices()[0]
+    try:
+        stats = device.memory_stats()
+    except Exception:  # CPU devices raise or return None
+        return None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None

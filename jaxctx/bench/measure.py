@@ -8,15 +8,26 @@ Timing then calls the same compiled executable, so compile time never leaks into
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 
 MIB = 1024 ** 2
 GIB = 1024 ** 3
+
+
+def sig(x: float | None, digits: int = 5) -> float | None:
+    """Round to significant digits (not decimals): tiny test sizes and huge sweeps both keep their precision."""
+    return None if x is None else float(f"{x:.{digits}g}")
+
+
+def mib(nbytes: int | None) -> float | None:
+    return None if nbytes is None else sig(nbytes / MIB)
 
 
 def format_bytes(n: int | float) -> str:
@@ -107,3 +118,17 @@ def time_call(call: Callable[[], Any], *, repeats: int, warmup: int) -> Timing:
         jax.block_until_ready(call())
         times.append(time.perf_counter() - start)
     return Timing(tuple(times))
+
+
+@contextlib.contextmanager
+def profiler_trace(directory: str | os.PathLike | None) -> Iterator[None]:
+    """`jax.profiler.trace` into `directory` (TensorBoard's profile plugin or Perfetto read it); no-op for None.
+
+    Benches trace a few extra calls *after* timing, so the profiler's overhead never enters a reported number.
+    """
+    if directory is None:
+        yield
+        return
+    os.makedirs(directory, exist_ok=True)
+    with jax.profiler.trace(os.fspath(directory), create_perfetto_trace=True):
+        yield

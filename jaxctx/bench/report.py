@@ -19,7 +19,7 @@ import os
 import pathlib
 from typing import Any, Callable
 
-from jaxctx.bench.measure import MIB, format_bytes
+from jaxctx.bench.measure import GIB, MIB, format_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,9 @@ class Layout:
     x: str  # row field on the (log-2) x axis
     x_label: str
     series: str  # row field naming one line per value
-    budget_panel: str | None = None  # panel key that gets the memory budget as a horizontal line (MiB)
+    budget_panel: str | None = None  # panel key that gets the memory budget as a horizontal line
+    budget_unit: int = MIB  # bytes per unit of the budget panel's field
+    plot_rows: str = "rows"  # result key holding the rows to plot (max-context plots its probes)
 
 
 def _f(digits: int) -> Callable[[Any], str]:
@@ -70,6 +72,42 @@ LAYOUTS: dict[str, Layout] = {
         ),
         panels=(Panel("fwd_bwd_ms", "fwd+bwd time (ms)"), Panel("fwd_bwd_temp_mib", "fwd+bwd temp memory (MiB)")),
         x="seq_len", x_label="sequence length T", series="impl", budget_panel="fwd_bwd_temp_mib",
+    ),
+    "train": Layout(
+        columns=(
+            Column("variant", "variant"),
+            Column("seq_len", "T"),
+            Column("batch", "B"),
+            Column("step_ms", "step ms", _f(0)),
+            Column("tokens_per_s", "tokens/s", _f(1)),
+            Column("achieved_tflop_per_s", "TFLOP/s", _f(4)),
+            Column("mfu", "MFU", _pct),
+            Column("total_mib", "compiled MiB", _f(0)),
+            Column("temp_mib", "temp MiB", _f(0)),
+            Column("speedup_vs_hf", "vs HF", lambda v: f"{v:.2f}x"),
+            Column("status", "status"),
+        ),
+        panels=(Panel("tokens_per_s", "tokens/s"), Panel("mfu", "MFU (model FLOP/s / peak)", log_y=False),
+                Panel("total_mib", "compiled memory per device (MiB)")),
+        x="seq_len", x_label="sequence length T", series="variant", budget_panel="total_mib",
+    ),
+    "max-context": Layout(
+        columns=(
+            Column("variant", "variant"),
+            Column("max_seq_len", "max T"),
+            Column("total_gib", "total GiB", _f(2)),
+            Column("temp_gib", "temp GiB", _f(2)),
+            Column("argument_gib", "args GiB", _f(2)),
+            Column("bytes_per_token_near_max", "bytes/token", _f(0)),
+            Column("attention", "attention"),
+            Column("mlp_chunk", "mlp_chunk"),
+            Column("loss_chunk", "loss_chunk"),
+            Column("remat_policy", "remat"),
+            Column("limited_by", "limited by"),
+        ),
+        panels=(Panel("total_gib", "compiled memory per device (GiB)"),),
+        x="seq_len", x_label="sequence length T (probes)", series="variant", budget_panel="total_gib",
+        budget_unit=GIB, plot_rows="probes",
     ),
 }
 
@@ -115,17 +153,33 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"B={cfg.get('batch')} H={cfg.get('heads')} Hkv={cfg.get('kv_heads')} D={cfg.get('head_dim')} "
                      f"{cfg.get('dtype')} {'causal' if cfg.get('causal') else 'non-causal'}; "
                      f"{result.get('timing', '')}")
+    if result["bench"] == "train":
+        lines.append(f"{cfg.get('config') or '(embedded default)'}; {result.get('batch_policy', '')}; "
+                     f"{result.get('timing', '')}")
+    if result["bench"] == "max-context":
+        b = result["budget"]
+        lines.append(f"{cfg.get('config') or '(embedded default)'}: budget {b['gib']:g} GiB per device counting "
+                     f"{b['counted']}; remat_policy={cfg.get('remat_policy_used')} for every variant; "
+                     f"batch {cfg.get('batch_used')}; {result.get('search', '')}")
     if "flop_convention" in result:
         lines.append(f"FLOPs: {result['flop_convention']}")
     if "matmul" in result:
         m = result["matmul"]
         lines.append(f"matmul reference: {m['n']}x{m['n']} {m['dtype']} = {m['gflop_per_s']:.1f} GFLOP/s "
                      f"(median {m['median_ms']:.2f} ms)")
+    if result.get("peak"):
+        p = result["peak"]
+        lines.append(f"peak for MFU / fraction of peak: {p['tflop_per_s']} TFLOP/s ({p['source']})")
     if "memory_budget" in result:
         b = result["memory_budget"]
         budget = "none" if b["bytes"] is None else format_bytes(b["bytes"])
-        lines.append(f"temp memory budget: {budget} ({b['source']})")
+        lines.append(f"memory budget: {budget} ({b['source']}; applies to {b.get('applies_to', 'temp memory')})")
     lines += ["", format_table(result["rows"], layout.columns)]
+    if result.get("ratios"):
+        lines += ["", "max-context ratios: " + ", ".join(f"{k} = {v}x" for k, v in result["ratios"].items())]
+    for label, entry in (result.get("summary") or {}).items():
+        if "mfu_longest_over_shortest" in entry:
+            lines.append(f"{label}: MFU at the longest T / at the shortest T = {entry['mfu_longest_over_shortest']}")
     return "\n".join(lines)
 
 
@@ -184,9 +238,9 @@ def write_plot(path: str | os.PathLike, result: dict[str, Any]) -> None:
     from matplotlib.figure import Figure
 
     layout = _layout(result)
-    rows = result["rows"]
+    rows = result[layout.plot_rows]
     series = list(dict.fromkeys(r[layout.series] for r in rows))
-    fig = Figure(figsize=(6 * len(layout.panels), 4.5), layout="constrained")
+    fig = Figure(figsize=(max(8, 6 * len(layout.panels)), 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(layout.panels), squeeze=False)[0]
     for ax, panel in zip(axes, layout.panels):
@@ -196,16 +250,21 @@ def write_plot(path: str | os.PathLike, result: dict[str, Any]) -> None:
             if points:
                 xs, ys = zip(*sorted(points))
                 ax.plot(xs, ys, marker="o", label=str(name))
-        budget_mib = ((result.get("memory_budget") or {}).get("bytes") or 0) / MIB
+        budget = ((result.get("memory_budget") or {}).get("bytes") or 0) / layout.budget_unit
         top = max([r[panel.key] for r in rows if _is_number(r.get(panel.key))], default=0)
         # The budget line only where it is in view: drawn orders of magnitude above tiny runs it flattens them.
-        if panel.key == layout.budget_panel and top and budget_mib and budget_mib <= 10 * top:
-            ax.axhline(budget_mib, color="grey", linestyle="--", label="budget")
+        if panel.key == layout.budget_panel and top and budget and budget <= 10 * top:
+            ax.axhline(budget, color="grey", linestyle="--", label="budget")
         ax.set_xscale("log", base=2)
         xs_all = sorted({r[layout.x] for r in rows})
+        if len(xs_all) > 8:  # bisection probes: label the powers of two in range instead of every probe
+            lo, hi = math.floor(math.log2(xs_all[0])), math.ceil(math.log2(xs_all[-1]))
+            xs_all = [2 ** p for p in range(lo, hi + 1)]
         ax.set_xticks(xs_all, [str(x) for x in xs_all])  # plain lengths (1024, ...) read better than 2^10
         ax.minorticks_off()
-        if panel.log_y and ax.has_data():
+        ys_all = [r[panel.key] for r in rows if _is_number(r.get(panel.key))]
+        # A log axis over less than a decade only produces unreadable tick labels.
+        if panel.log_y and ys_all and max(ys_all) >= 10 * min(ys_all):
             ax.set_yscale("log")
         ax.set_xlabel(layout.x_label)
         ax.set_ylabel(panel.label)
