@@ -22,8 +22,8 @@ TINY = ["--heads", "2", "--head-dim", "16", "--repeats", "1", "--warmup", "1", "
 PHASES = ("fwd", "fwd_bwd")
 ROW_FIELDS = {"impl", "kernel", "seq_len", "batch", "heads", "kv_heads", "head_dim", "dtype", "causal", "block_q",
               "block_k", "status"} | {f"{p}_{f}" for p in PHASES for f in (
-                  "status", "gflop", "ms", "min_ms", "gflop_per_s", "matmul_fraction", "temp_bytes", "temp_mib", "argument_mib",
-                  "output_mib", "compile_s")}
+                  "status", "gflop", "ms", "min_ms", "gflop_per_s", "matmul_fraction", "temp_bytes", "temp_mib",
+                  "argument_mib", "output_mib", "compile_s", "tflop_per_s", "peak_fraction")}
 MACHINE_FIELDS = {"backend", "device_kind", "device_count", "jax_version", "jaxlib_version", "cpu_model",
                   "cpu_count", "date"}
 
@@ -87,8 +87,10 @@ def test_cli_rows_have_sane_values(sweep):
     _, out = sweep
     result = json.loads(out.read_text())
     matmul_rate = result["matmul"]["gflop_per_s"]
+    assert result["peak"]["tflop_per_s"] > 0 and "source" in result["peak"]
     for row in result["rows"]:
         assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
+        assert "peak_device_mib" in row  # memory_stats() peak where the backend reports it (None on CPU)
         assert row["status"] == "ok", row
         assert (row["batch"], row["heads"], row["kv_heads"], row["head_dim"]) == (1, 2, 2, 16)
         assert row["causal"] is True and row["dtype"] == "float32"
@@ -101,6 +103,10 @@ def test_cli_rows_have_sane_values(sweep):
             rate = row[f"{phase}_gflop"] / (row[f"{phase}_ms"] / 1e3)
             assert row[f"{phase}_gflop_per_s"] == pytest.approx(rate, rel=1e-2)
             assert row[f"{phase}_matmul_fraction"] == pytest.approx(rate / matmul_rate, rel=1e-2)
+            assert row[f"{phase}_tflop_per_s"] == pytest.approx(rate / 1e3, rel=1e-2)
+            # Fraction of the device peak: on CPU the peak is the matmul measured in the same run.
+            peak = result["peak"]["tflop_per_s"]
+            assert row[f"{phase}_peak_fraction"] == pytest.approx(rate / 1e3 / peak, rel=1e-2)
             assert row[f"{phase}_temp_bytes"] >= 0
             assert row[f"{phase}_temp_mib"] == pytest.approx(row[f"{phase}_temp_bytes"] / MIB, rel=1e-4)
             assert row[f"{phase}_argument_mib"] > 0 and row[f"{phase}_output_mib"] > 0
@@ -180,3 +186,12 @@ def test_parse_int_list():
     assert parse_int_list("1024, 2048,4096", "--seq-lens") == (1024, 2048, 4096)
     with pytest.raises(ValueError, match="--seq-lens: '' is not an integer"):
         parse_int_list("1024,,2048", "--seq-lens")
+
+
+def test_cli_trace_writes_a_profile(tmp_path):
+    trace = tmp_path / "trace"
+    rc = main(["bench", "attention", "--seq-lens", "64", "--impls", "blockwise", "--trace", str(trace),
+               "--trace-steps", "1", *TINY])
+    assert rc == 0
+    files = [p for p in (trace / "blockwise-T64").rglob("*") if p.is_file()]
+    assert any(p.name.endswith(".xplane.pb") for p in files), files
