@@ -22,6 +22,8 @@ EXPECTED = {
     "gpt2-124m-32k": ("gpt2", 140, 150),  # 32K learned positions add 25M
     "llama-1b-64k": ("llama", 1200, 1300),
     "bert-base-4k": ("bert", 110, 115),
+    "bench-gpt2-6x512": ("gpt2", 45, 48),  # 6 x 512 blocks (18.9M) + 50304 x 512 tokens + 4096 x 512 positions
+    "bench-mfu-4x256": ("gpt2", 7, 8),  # 4 x 256 blocks (3.2M) + 16384 x 256 positions (4.2M)
 }
 
 
