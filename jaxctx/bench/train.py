@@ -281,7 +281,7 @@ def run_train_bench(bench: TrainBenchConfig, *, progress: Callable[[str], None] 
     budget = memory_budget(bench.max_temp_gb)
     dtype = base.model.dtype
     progress(f"machine: measuring {dtype} matmul rate ...")
-    matmul = matmul_rate(bench.matmul_size, dtype, repeats=max(bench.repeats, 3), warmup=1)
+    matmul = matmul_rate(bench.matmul_size, dtype, repeats=max(bench.repeats, 10), warmup=1)
     peak = device_peak(dtype, matmul)
     progress(f"matmul {matmul['n']}x{matmul['n']} {matmul['dtype']}: {matmul['gflop_per_s']:.1f} GFLOP/s; "
              f"peak for MFU: {peak['tflop_per_s']} TFLOP/s ({peak['source']})")

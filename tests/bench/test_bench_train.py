@@ -67,6 +67,8 @@ def test_known_peaks_and_cpu_peak_is_the_measured_matmul():
     assert cpu["tflop_per_s"] == 0.05 and "measured in this run" in cpu["source"]
     unknown = device_peak("bfloat16", matmul, backend="gpu", device_kind="Some Future Chip")
     assert unknown["tflop_per_s"] == 0.05 and "not in PEAK_TFLOPS" in unknown["source"]
+    matmul["best_gflop_per_s"] = 60.0  # the peak is the fastest matmul call, not the median
+    assert device_peak("float32", matmul, backend="cpu", device_kind="cpu")["tflop_per_s"] == 0.06
 
 
 def test_batch_scales_to_hold_tokens_per_step_constant():
