@@ -283,6 +283,12 @@ def run_train_bench(bench: TrainBenchConfig, *, progress: Callable[[str], None] 
     progress(f"machine: measuring {dtype} matmul rate ...")
     matmul = matmul_rate(bench.matmul_size, dtype, repeats=max(bench.repeats, 10), warmup=1)
     peak = device_peak(dtype, matmul)
+    # The step runs on every device of the mesh, so MFU divides by all of their peaks. CPU devices (fake ones
+    # included) share the host's cores, and the matmul measured on one of them already used all of those cores:
+    # the host counts once.
+    scale = 1 if jax.default_backend() == "cpu" else len(devices)
+    peak = {**peak, "devices": scale, "total_tflop_per_s": None if peak["tflop_per_s"] is None
+            else sig(peak["tflop_per_s"] * scale, 4)}
     progress(f"matmul {matmul['n']}x{matmul['n']} {matmul['dtype']}: {matmul['gflop_per_s']:.1f} GFLOP/s; "
              f"peak for MFU: {peak['tflop_per_s']} TFLOP/s ({peak['source']})")
     result: dict[str, Any] = {
@@ -315,7 +321,7 @@ def run_train_bench(bench: TrainBenchConfig, *, progress: Callable[[str], None] 
     for label, cfg in plan:
         done += 1
         progress(f"[{done}/{total}] {label} T={cfg.data.seq_len} B={cfg.train.batch_size}: compiling ...")
-        row = _measure_jaxctx(label, cfg, bench, devices, budget["bytes"], peak["tflop_per_s"])
+        row = _measure_jaxctx(label, cfg, bench, devices, budget["bytes"], peak["total_tflop_per_s"])
         result["rows"].append(row)
         progress(f"[{done}/{total}] {progress_line(row)}")
         on_row(result)
@@ -327,7 +333,9 @@ def run_train_bench(bench: TrainBenchConfig, *, progress: Callable[[str], None] 
             done += 1
             progress(f"[{done}/{total}] {HF} T={cfg.data.seq_len} B={cfg.train.batch_size}: running ...")
             ours = [r for r in result["rows"] if r["impl"] == JAXCTX and r["seq_len"] == cfg.data.seq_len]
-            row = _measure_hf(cfg, bench, peak["tflop_per_s"], ours[0]["params_matmul"] if ours else None)
+            # HF runs PyTorch on the CPU: its MFU means something only against a CPU peak.
+            hf_peak = peak["total_tflop_per_s"] if jax.default_backend() == "cpu" else None
+            row = _measure_hf(cfg, bench, hf_peak, ours[0]["params_matmul"] if ours else None)
             result["rows"].append(row)
             for r in ours:
                 if r["tokens_per_s"] and row["tokens_per_s"]:

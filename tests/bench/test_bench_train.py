@@ -144,6 +144,7 @@ def test_rows_hold_constant_tokens_and_consistent_numbers(sweep):
         assert row["flops_per_token"] == pytest.approx(flops["total"], rel=1e-4)
         assert row["tokens_per_s"] == pytest.approx(64 / (row["step_ms"] / 1e3), rel=1e-3)
         assert row["mfu"] == pytest.approx(row["achieved_tflop_per_s"] / result["peak"]["tflop_per_s"], rel=1e-3)
+        assert result["peak"]["total_tflop_per_s"] == pytest.approx(result["peak"]["tflop_per_s"], rel=1e-3)
         # Compiled memory: total = arguments + outputs - aliased (donated state) + temp.
         total = row["argument_mib"] + row["output_mib"] - row["alias_mib"] + row["temp_mib"]
         assert row["total_mib"] == pytest.approx(total, rel=1e-3)
