@@ -104,6 +104,32 @@ def _masked_scores(q_blk, k_blk, i, j, bq, bk, q_seg, k_seg, causal):
     return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
 
+def _segment_ranges(q_seg, k_seg, bq, bk):
+    """Per-block (min, max) segment ids: [B, nq] x2 for queries, [B, nk] x2 for keys; None without segments."""
+    if q_seg is None:
+        return None
+    b = q_seg.shape[0]
+    qs, ks = q_seg.reshape(b, -1, bq), k_seg.reshape(b, -1, bk)
+    return qs.min(-1), qs.max(-1), ks.min(-1), ks.max(-1)
+
+
+def _run_block(update, state, i, j, ranges):
+    """Apply `update(state, segment_mask)` for block (i, j), using the segment ids to do less work.
+
+    Packed documents make most blocks trivial: if no query of block i can share a segment with a key of block j
+    (their id ranges are disjoint in every row) the block is skipped; if both blocks lie inside one segment in
+    every row, no segment mask is built. Only blocks that straddle a document boundary pay for the mask. The
+    range tests are exact for any ids: disjoint ranges cannot hold equal ids, equal one-value ranges are equal.
+    """
+    if ranges is None:
+        return update(state, False)
+    q_lo, q_hi, k_lo, k_hi = (r[:, idx] for r, idx in zip(ranges, (i, i, j, j)))  # [B] each
+    disjoint = jnp.all((q_hi < k_lo) | (k_hi < q_lo))
+    uniform = jnp.all((q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo))
+    kind = jnp.where(disjoint, 0, jnp.where(uniform, 1, 2))
+    return lax.switch(kind, [lambda st: st, lambda st: update(st, False), lambda st: update(st, True)], state)
+
+
 def _causal_ranges(i_or_j, bq, bk, n_other, *, over_keys: bool):
     """Loop bounds under causal masking.
 
@@ -132,16 +158,21 @@ def _forward(q, k, v, q_seg, k_seg, causal, bq, bk):
     b, tq, hkv, g, d = q.shape
     nq, nk = tq // bq, k.shape[1] // bk
     scale = 1.0 / (d ** 0.5)
+    ranges = _segment_ranges(q_seg, k_seg, bq, bk)
 
     def query_block(i, carry):
         out_buf, lse_buf = carry
         q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1) * jnp.asarray(scale, q.dtype)
 
         def key_block(j, state, masked):
+            return _run_block(lambda st, segs: update(j, st, masked, segs), state, i, j, ranges)
+
+        def update(j, state, masked, segs):
             m, l, acc = state  # [B, Hkv, G, bq], [B, Hkv, G, bq], [B, Hkv, G, bq, D]
             k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
             v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
-            s = _masked_scores(q_blk, k_blk, i, j, bq, bk, q_seg, k_seg, causal and masked)  # [B, Hkv, G, bq, bk]
+            s = _masked_scores(q_blk, k_blk, i, j, bq, bk, q_seg if segs else None, k_seg,
+                               causal and masked)  # [B, Hkv, G, bq, bk]
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet: exp(-inf) = 0
             p = jnp.exp(s - m_safe[..., None])
@@ -182,6 +213,7 @@ def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, causal, bq, bk):
     tk = k.shape[1]
     nq, nk = tq // bq, tk // bk
     scale = 1.0 / (d ** 0.5)
+    ranges = _segment_ranges(q_seg, k_seg, bq, bk)
     # delta_i = rowsum(dO_i * O_i): the softmax-Jacobian term, [B, Hkv, G, Tq]
     delta = jnp.einsum("bqhgd,bqhgd->bhgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
 
@@ -191,12 +223,16 @@ def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, causal, bq, bk):
         v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
 
         def query_block(i, state, masked):
+            return _run_block(lambda st, segs: update(i, st, masked, segs), state, i, j, ranges)
+
+        def update(i, state, masked, segs):
             dq_acc, dk_acc, dv_acc = state  # dq_acc [B, Tq, Hkv, G, D]; dk/dv_acc [B, Hkv, bk, D]
             q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1) * jnp.asarray(scale, q.dtype)
             do_blk = lax.dynamic_slice_in_dim(d_out, i * bq, bq, axis=1)  # [B, bq, Hkv, G, D]
             lse_blk = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)  # [B, Hkv, G, bq]
             delta_blk = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
-            s = _masked_scores(q_blk, k_blk, i, j, bq, bk, q_seg, k_seg, causal and masked)  # [B, Hkv, G, bq, bk]
+            s = _masked_scores(q_blk, k_blk, i, j, bq, bk, q_seg if segs else None, k_seg,
+                               causal and masked)  # [B, Hkv, G, bq, bk]
             p = jnp.exp(s - lse_blk[..., None])  # exact softmax probabilities of this block
             dv_acc = dv_acc + jnp.einsum("bhgqk,bqhgd->bhkd", p.astype(do_blk.dtype), do_blk,
                                          preferred_element_type=jnp.float32)
