@@ -102,17 +102,35 @@ def test_reference_matches_naive_softmax():
             np.testing.assert_allclose(out[0, i, head], want, atol=1e-5)
 
 
-def test_block_with_no_visible_key_is_finite():
-    """Query blocks whose keys in a whole block are all masked, and rows that see no key at all, give no NaN."""
-    b, t, h, d = 1, 32, 2, 8
+@pytest.mark.parametrize("causal", [False, True])
+def test_rows_with_no_visible_key_in_a_block_are_finite(causal):
+    """Blocks are processed with rows that see none of the block's keys, and other blocks are skipped whole.
+
+    Documents of 3 tokens under blocks of 8: neighbouring blocks share one document at their border, so they are
+    processed (masked) while most of their rows see no key in them; blocks further apart hold disjoint
+    documents and are skipped by the segment-range test. Neither may produce NaN or change the result.
+    """
+    b, t, h, d = 2, 40, 2, 8
     q, k, v, ct = _inputs(5, b, t, h, h, d)
-    # Every query is alone in its segment except the last 8 tokens: most key blocks are fully masked per row.
-    seg = jnp.asarray([list(range(1, 25)) + [99] * 8], jnp.int32)
-    got = _value_and_grads("blockwise", q, k, v, ct, causal=True, segment_ids=seg, block_q=8, block_k=8)
-    want = _value_and_grads("reference", q, k, v, ct, causal=True, segment_ids=seg)
+    seg = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) // 3 + 1, (b, t))
+    got = _value_and_grads("blockwise", q, k, v, ct, causal=causal, segment_ids=seg, block_q=8, block_k=8)
+    want = _value_and_grads("reference", q, k, v, ct, causal=causal, segment_ids=seg)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in (got[0], *got[1]))
     _assert_close(got, want, 1e-5)
-    # Non-causal with odd T: the padded key columns are hidden from real queries.
+
+
+def test_segment_ranges_differ_across_batch_rows():
+    """A block may be skipped or left unmasked only if that holds in every row of the batch."""
+    q, k, v, ct = _inputs(6, 2, 32, 2, 2, 8)
+    one_doc = jnp.ones((32,), jnp.int32)
+    four_docs = jnp.arange(32, dtype=jnp.int32) // 8 + 1  # one document per block of 8
+    seg = jnp.stack([one_doc, four_docs])
+    _assert_close(_value_and_grads("blockwise", q, k, v, ct, causal=True, segment_ids=seg, block_q=8, block_k=8),
+                  _value_and_grads("reference", q, k, v, ct, causal=True, segment_ids=seg), 1e-5)
+
+
+def test_padded_keys_are_hidden_without_segments():
+    """Non-causal with T not a multiple of the block: the padded key columns are hidden from real queries."""
     q, k, v, ct = _inputs(6, 1, 13, 2, 2, 8)
     _assert_close(_value_and_grads("blockwise", q, k, v, ct, block_q=8, block_k=8),
                   _value_and_grads("reference", q, k, v, ct), 1e-5)
