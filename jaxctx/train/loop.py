@@ -176,8 +176,11 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
 
 def _process_info() -> tuple[int, int]:
     """(process index, process count) without starting a JAX backend (jax.process_index() would)."""
-    from jax._src import distributed
-    state = distributed.global_state
+    try:
+        from jax._src import distributed
+        state = distributed.global_state
+    except (ImportError, AttributeError):  # private API moved: ask jax (starts the backend, still correct)
+        return jax.process_index(), jax.process_count()
     if state.client is None:
         return 0, 1
     return int(state.process_id), int(state.num_processes)
