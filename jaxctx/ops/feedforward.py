@@ -4,7 +4,7 @@ From the Blockwise Parallel Transformer (Liu & Abbeel, 2023, arXiv:2305.19370): 
 largest activations left are the MLP's [B, T, d_ff] intermediate and the loss's [B, T, vocab] logits. Both are
 position-wise, so they can be computed over sequence chunks of C tokens; wrapping each chunk in `jax.checkpoint`
 makes the backward pass recompute the chunk instead of storing it, so at any time only [B, C, d_ff] (or
-[B, C, vocab]) exists.
+[B, C, vocab]) exists. Chunks are read and written in place (see `_map_chunks`): no [N, B, C, D] copies.
 
 - `blockwise_feedforward(fn, x, chunk=C)`: any position-wise `fn` ([B, t, D] -> [B, t, D']) over chunks.
 - `chunked_cross_entropy(hidden, head, bias, targets, weights, chunk=C)`: summed token cross-entropy without the
@@ -31,28 +31,108 @@ HEAD_LAYOUTS = ("dv", "vd")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Chunking helpers: [B, T, ...] <-> [N, B, C, ...]
+# Chunked loops that read and write the full-length arrays in place
 # ----------------------------------------------------------------------------------------------------------
+# Why custom VJPs instead of `lax.map(jax.checkpoint(fn), chunks)`: mapping needs the input reshaped to
+# [N, B, C, D] with the chunk axis first (a full-length copy), its output back from [N, B, C, D'] (another), and
+# autodiff repeats both for the cotangents. At long T each of those copies is as large as an activation: four of
+# them in one layer's backward was a third of the live memory of a 128K-token GPT-2 step. Here every chunk is a
+# `dynamic_slice` of the [B, T, ...] input and its result a `dynamic_update_slice` into the [B, T, ...] output,
+# forward and backward, so the only full-length arrays are the input, the output and their cotangents. The
+# backward recomputes each chunk's forward under `jax.vjp` (the rematerialisation) and sums the cotangents of the
+# loop constants (parameters) in float32.
 
-def _to_chunks(x: jax.Array, chunk: int) -> jax.Array:
-    """[B, T, ...] -> [N, B, C, ...] with N = ceil(T / C); the tail is zero-padded.
+def _pad_to_chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """Zero-pad [B, T, ...] along T to a multiple of `chunk` (no copy when T already is one)."""
+    pad = -x.shape[1] % chunk
+    return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
 
-    The chunk axis goes first because `lax.scan`/`lax.map` iterate over the leading axis.
+
+def _chunk(x: jax.Array, i, chunk: int) -> jax.Array:
+    """Chunk i of [B, Tp, ...]: [B, C, ...]."""
+    return lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)
+
+
+def _zero_cotangents(consts: tuple) -> tuple:
+    """float32 (or wider) accumulators for the cotangents of the float loop constants; None for the others."""
+    return tuple(jnp.zeros(c.shape, jnp.promote_types(c.dtype, jnp.float32))
+                 if c is not None and jnp.issubdtype(c.dtype, jnp.inexact) else None for c in consts)
+
+
+def _add_cotangents(acc: tuple, new: tuple) -> tuple:
+    return tuple(None if a is None else a + n.astype(a.dtype) for a, n in zip(acc, new))
+
+
+def _cast_cotangents(acc: tuple, consts: tuple) -> tuple:
+    return tuple(None if a is None else a.astype(c.dtype) for a, c in zip(acc, consts))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _map_chunks(fn: Callable, chunk: int, x: jax.Array, consts: tuple) -> jax.Array:
+    """fn(x_chunk, *consts) over the chunks of x [B, Tp, D] (Tp a multiple of chunk) -> [B, Tp, D']."""
+    b, tp = x.shape[:2]
+    out = jax.eval_shape(fn, jax.ShapeDtypeStruct((b, chunk) + x.shape[2:], x.dtype), *consts)  # [B, C, D']
+
+    def body(i, y):
+        return lax.dynamic_update_slice_in_dim(y, fn(_chunk(x, i, chunk), *consts).astype(out.dtype), i * chunk,
+                                               axis=1)
+
+    return lax.fori_loop(0, tp // chunk, body, jnp.zeros((b, tp) + out.shape[2:], out.dtype))
+
+
+def _map_chunks_fwd(fn, chunk, x, consts):
+    return _map_chunks(fn, chunk, x, consts), (x, consts)
+
+
+def _map_chunks_bwd(fn, chunk, residuals, dy):
+    x, consts = residuals
+
+    def body(i, carry):
+        dx, dconsts = carry
+        _, vjp = jax.vjp(fn, _chunk(x, i, chunk), *consts)  # recomputes the chunk: [B, C, d_ff] lives only here
+        dx_chunk, *dconsts_chunk = vjp(_chunk(dy, i, chunk))
+        dx = lax.dynamic_update_slice_in_dim(dx, dx_chunk.astype(dx.dtype), i * chunk, axis=1)
+        return dx, _add_cotangents(dconsts, dconsts_chunk)
+
+    dx, dconsts = lax.fori_loop(0, x.shape[1] // chunk, body, (jnp.zeros_like(x), _zero_cotangents(consts)))
+    return dx, _cast_cotangents(dconsts, consts)
+
+
+_map_chunks.defvjp(_map_chunks_fwd, _map_chunks_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _sum_chunks(fn: Callable, chunk: int, x: jax.Array, aux: tuple, consts: tuple) -> jax.Array:
+    """sum over chunks of fn(x_chunk, aux_chunks, *consts) (a float32 scalar); x [B, Tp, D], aux [B, Tp] arrays.
+
+    `aux` (targets, weights) get no cotangent: they are data, not something a loss is differentiated by.
     """
-    b, t = x.shape[:2]
-    n = -(-t // chunk)
-    pad = n * chunk - t
-    if pad:
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape(b, n, chunk, *x.shape[2:])  # [B, N, C, ...]
-    return jnp.moveaxis(x, 1, 0)  # [N, B, C, ...]
+    def body(i, total):
+        return total + fn(_chunk(x, i, chunk), tuple(_chunk(a, i, chunk) for a in aux), *consts)
+
+    return lax.fori_loop(0, x.shape[1] // chunk, body, jnp.zeros((), jnp.float32))
 
 
-def _from_chunks(y: jax.Array, t: int) -> jax.Array:
-    """[N, B, C, ...] -> [B, T, ...], dropping the padded tail."""
-    y = jnp.moveaxis(y, 0, 1)  # [B, N, C, ...]
-    y = y.reshape(y.shape[0], -1, *y.shape[3:])  # [B, N*C, ...]
-    return y[:, :t]
+def _sum_chunks_fwd(fn, chunk, x, aux, consts):
+    return _sum_chunks(fn, chunk, x, aux, consts), (x, aux, consts)
+
+
+def _sum_chunks_bwd(fn, chunk, residuals, d_total):
+    x, aux, consts = residuals
+
+    def body(i, carry):
+        dx, dconsts = carry
+        aux_chunk = tuple(_chunk(a, i, chunk) for a in aux)
+        _, vjp = jax.vjp(lambda xc, *cs: fn(xc, aux_chunk, *cs), _chunk(x, i, chunk), *consts)
+        dx_chunk, *dconsts_chunk = vjp(d_total)
+        dx = lax.dynamic_update_slice_in_dim(dx, dx_chunk.astype(dx.dtype), i * chunk, axis=1)
+        return dx, _add_cotangents(dconsts, dconsts_chunk)
+
+    dx, dconsts = lax.fori_loop(0, x.shape[1] // chunk, body, (jnp.zeros_like(x), _zero_cotangents(consts)))
+    return dx, tuple(None for _ in aux), _cast_cotangents(dconsts, consts)
+
+
+_sum_chunks.defvjp(_sum_chunks_fwd, _sum_chunks_bwd)
 
 
 def _check_chunk(name: str, chunk: int) -> None:
@@ -69,7 +149,8 @@ def blockwise_feedforward(fn: Callable[[jax.Array], jax.Array], x: jax.Array, *,
 
     Args:
       fn: pure function [B, t, D] -> [B, t, D'] that treats every position independently (an MLP). It may close
-        over parameter arrays; they are loop constants, not per-chunk residuals.
+        over parameter arrays: `jax.closure_convert` turns them into explicit loop constants whose gradients are
+        summed over chunks (in float32).
       x: [B, T, D].
       chunk: tokens per chunk; 0 calls `fn(x)` directly (no chunking, no remat).
     Returns:
@@ -78,14 +159,12 @@ def blockwise_feedforward(fn: Callable[[jax.Array], jax.Array], x: jax.Array, *,
     _check_chunk("chunk", chunk)
     if chunk == 0:
         return fn(x)
-    t = x.shape[1]
+    b, t = x.shape[:2]
     chunk = min(chunk, t)  # a chunk longer than T would only add padding
-    xs = _to_chunks(x, chunk)  # [N, B, C, D]
-    # checkpoint: the backward pass recomputes fn's [B, C, d_ff] intermediate per chunk instead of stacking all
-    # N of them. prevent_cse=False is safe (and faster) because lax.map's loop already stops XLA from CSE-ing
-    # the recomputation into the forward.
-    ys = lax.map(jax.checkpoint(fn, prevent_cse=False), xs)  # [N, B, C, D']
-    return _from_chunks(ys, t)
+    xp = _pad_to_chunks(x, chunk)  # [B, Tp, D]
+    converted, consts = jax.closure_convert(fn, jax.ShapeDtypeStruct((b, chunk) + x.shape[2:], x.dtype))
+    y = _map_chunks(converted, chunk, xp, tuple(consts))  # [B, Tp, D']
+    return y[:, :t] if xp.shape[1] != t else y
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -153,17 +232,15 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, bias: jax.Array | 
         return cross_entropy(hidden, head, bias, targets, weights, head_layout=head_layout)
     chunk = min(chunk, hidden.shape[1])
     weights = weights.astype(jnp.float32)
-    xs = (_to_chunks(hidden, chunk), _to_chunks(targets, chunk), _to_chunks(weights, chunk))  # [N, B, C, ...]
+    # Padded positions get weight 0 (and target 0), so they add nothing to the loss or its gradients.
+    padded = [_pad_to_chunks(a, chunk) for a in (hidden, targets, weights)]  # [B, Tp, ...]
 
-    # checkpoint: only the chunk's inputs are saved; the backward recomputes its [B, C, V] logits and softmax.
-    # head and bias are explicit arguments (loop constants) so their cotangents are summed over chunks by scan.
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def chunk_loss(head, bias, h, tgt, w):
+    # Only the chunk's inputs are read; the backward recomputes its [B, C, V] logits and softmax (see
+    # _sum_chunks). head and bias are loop constants, so their cotangents are summed over chunks in float32.
+    def chunk_loss(h, aux, head, bias):
+        tgt, w = aux
         logits = project_logits(h, head, bias, head_layout=head_layout)  # [B, C, V] f32
         return token_cross_entropy(logits, tgt, w)[0]
 
-    def body(loss_sum, chunk_xs):
-        return loss_sum + chunk_loss(head, bias, *chunk_xs), None
-
-    loss_sum, _ = lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    loss_sum = _sum_chunks(chunk_loss, chunk, padded[0], tuple(padded[1:]), (head, bias))
     return loss_sum, jnp.sum(weights)
