@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxctx.config import ModelConfig
 from jaxctx.ops import attention
+from jaxctx.ops.buffers import zeros_like_in_loop
 from jaxctx.ops.feedforward import (blockwise_feedforward, chunked_cross_entropy, project_logits,
                                     token_cross_entropy)
 
@@ -78,7 +79,33 @@ class Embed(nn.Module):
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         # Gather first, cast after: casting the whole [V, D] table every step would cost V*D work.
-        return jnp.take(self.embedding, ids, axis=0).astype(compute_dtype(self.cfg))  # [B, T, D]
+        return gather_rows(self.embedding, ids).astype(compute_dtype(self.cfg))  # [B, T, D]
+
+
+@jax.custom_vjp
+def gather_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """table[ids]: [N, D] rows at int ids [B, T] -> [B, T, D] (out-of-range ids give NaN rows and no gradient).
+
+    Autodiff of `jnp.take` would scatter the cotangent into a zero [N, D] array that depends on nothing, and
+    XLA:CPU schedules such zeros at the start of the step: for a learned position table that is one more [T, D]
+    array held through the whole forward pass. Here the zeros are made from the cotangent, so they appear when the
+    backward reaches the embedding.
+    """
+    return jnp.take(table, ids, axis=0)
+
+
+def _gather_rows_fwd(table, ids):
+    return gather_rows(table, ids), (table, ids)  # the table is a parameter: kept alive anyway, no copy
+
+
+def _gather_rows_bwd(residuals, d_rows):
+    table, ids = residuals
+    d_table = zeros_like_in_loop(d_rows, table.shape, table.dtype).at[ids].add(d_rows.astype(table.dtype),
+                                                                              mode="drop")
+    return d_table, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 class LayerNorm(nn.Module):

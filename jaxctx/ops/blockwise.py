@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxctx.ops.buffers import zeros_like_in_loop
+
 DEFAULT_BLOCK = 512  # large blocks amortise loop overhead; a [B, H, 512, 512] f32 tile is 1 MiB per head
 # Sentinel segment ids for padded rows: padded keys match nothing, padded queries (discarded) match nothing.
 _PAD_KEY_SEGMENT = jnp.iinfo(jnp.int32).min
@@ -199,8 +201,8 @@ def _forward(q, k, v, q_seg, k_seg, causal, bq, bk):
         lse_buf = lax.dynamic_update_slice_in_dim(lse_buf, lse_blk, i * bq, axis=3)
         return out_buf, lse_buf
 
-    out = jnp.zeros(q.shape, q.dtype)
-    lse = jnp.zeros((b, hkv, g, tq), jnp.float32)
+    out = zeros_like_in_loop(q)
+    lse = zeros_like_in_loop(q, (b, hkv, g, tq), jnp.float32)
     return lax.fori_loop(0, nq, query_block, (out, lse))
 
 
@@ -259,7 +261,8 @@ def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, causal, bq, bk):
         dv_buf = lax.dynamic_update_slice_in_dim(dv_buf, jnp.transpose(dv_acc, (0, 2, 1, 3)), j * bk, axis=1)
         return dq_buf, dk_buf, dv_buf
 
-    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    init = (zeros_like_in_loop(d_out, q.shape, jnp.float32), zeros_like_in_loop(d_out, k.shape, jnp.float32),
+            zeros_like_in_loop(d_out, v.shape, jnp.float32))
     dq, dk, dv = lax.fori_loop(0, nk, key_block, init)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxctx.ops.buffers import zeros_like_in_loop
+
 HEAD_LAYOUTS = ("dv", "vd")
 
 
@@ -53,9 +55,12 @@ def _chunk(x: jax.Array, i, chunk: int) -> jax.Array:
     return lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)
 
 
-def _zero_cotangents(consts: tuple) -> tuple:
-    """float32 (or wider) accumulators for the cotangents of the float loop constants; None for the others."""
-    return tuple(jnp.zeros(c.shape, jnp.promote_types(c.dtype, jnp.float32))
+def _zero_cotangents(consts: tuple, anchor: jax.Array) -> tuple:
+    """float32 (or wider) accumulators for the cotangents of the float loop constants; None for the others.
+
+    Made from `anchor` (the incoming cotangent) so XLA cannot schedule them before the backward reaches here.
+    """
+    return tuple(zeros_like_in_loop(anchor, c.shape, jnp.promote_types(c.dtype, jnp.float32))
                  if c is not None and jnp.issubdtype(c.dtype, jnp.inexact) else None for c in consts)
 
 
@@ -77,7 +82,7 @@ def _map_chunks(fn: Callable, chunk: int, x: jax.Array, consts: tuple) -> jax.Ar
         return lax.dynamic_update_slice_in_dim(y, fn(_chunk(x, i, chunk), *consts).astype(out.dtype), i * chunk,
                                                axis=1)
 
-    return lax.fori_loop(0, tp // chunk, body, jnp.zeros((b, tp) + out.shape[2:], out.dtype))
+    return lax.fori_loop(0, tp // chunk, body, zeros_like_in_loop(x, (b, tp) + out.shape[2:], out.dtype))
 
 
 def _map_chunks_fwd(fn, chunk, x, consts):
@@ -94,7 +99,8 @@ def _map_chunks_bwd(fn, chunk, residuals, dy):
         dx = lax.dynamic_update_slice_in_dim(dx, dx_chunk.astype(dx.dtype), i * chunk, axis=1)
         return dx, _add_cotangents(dconsts, dconsts_chunk)
 
-    dx, dconsts = lax.fori_loop(0, x.shape[1] // chunk, body, (jnp.zeros_like(x), _zero_cotangents(consts)))
+    init = (zeros_like_in_loop(dy, x.shape, x.dtype), _zero_cotangents(consts, dy))
+    dx, dconsts = lax.fori_loop(0, x.shape[1] // chunk, body, init)
     return dx, _cast_cotangents(dconsts, consts)
 
 
@@ -128,7 +134,8 @@ def _sum_chunks_bwd(fn, chunk, residuals, d_total):
         dx = lax.dynamic_update_slice_in_dim(dx, dx_chunk.astype(dx.dtype), i * chunk, axis=1)
         return dx, _add_cotangents(dconsts, dconsts_chunk)
 
-    dx, dconsts = lax.fori_loop(0, x.shape[1] // chunk, body, (jnp.zeros_like(x), _zero_cotangents(consts)))
+    init = (zeros_like_in_loop(d_total, x.shape, x.dtype), _zero_cotangents(consts, d_total))
+    dx, dconsts = lax.fori_loop(0, x.shape[1] // chunk, body, init)
     return dx, tuple(None for _ in aux), _cast_cotangents(dconsts, consts)
 
 
