@@ -62,6 +62,7 @@ class ModelConfig:
     loss_chunk: int = 0  # cross-entropy over sequence chunks of this many tokens; 0 = materialise [B,T,V] logits
     scan_layers: bool = True  # stack blocks with nn.scan (fast compile, one compiled layer); False = Python loop
     remat_policy: str = "none"  # see REMAT_POLICIES; "full" recomputes each block in the backward pass
+    remat_group_size: int = 0  # >1: also remat groups of this many layers (only group inputs saved); 0/1 = off
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators); params are always float32
     pad_token_id: int = 0  # BERT/HF metadata; never changes the maths (padding is a segment id)
 
@@ -117,6 +118,13 @@ class ModelConfig:
                      "attention_block_k"):
             if getattr(self, name) is not None:
                 _check_positive(f"model.{name}", getattr(self, name))
+        if self.remat_group_size not in (0, 1):
+            if self.remat_group_size < 0 or self.num_layers % self.remat_group_size:
+                raise ConfigError(f"model.remat_group_size={self.remat_group_size} must divide model.num_layers="
+                                  f"{self.num_layers} (0 or 1 turns grouping off)")
+            if not self.scan_layers or self.remat_policy == "none":
+                raise ConfigError("model.remat_group_size needs model.scan_layers=true and a model.remat_policy "
+                                  "other than none (it nests a second level of remat around groups of layers)")
         for name in ("mlp_chunk", "loss_chunk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 0 (0 turns chunking off)")

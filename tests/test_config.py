@@ -34,6 +34,9 @@ def test_overrides_are_typed_yaml_values(tmp_path):
     (["data.seq_len=1"], "data.seq_len=1 must be >= 2"),
     (["data.seq_len=4096", "model.max_positions=1024"], "exceeds model.max_positions=1024"),
     (["train.batch_size=6", "train.grad_accum=4"], "divisible by train.grad_accum=4"),
+    (["model.num_layers=12", "model.remat_policy=full", "model.remat_group_size=5"],
+     "model.remat_group_size=5 must divide model.num_layers=12"),
+    (["model.remat_group_size=2"], "needs model.scan_layers=true and a model.remat_policy other than none"),
     (["steps=3"], "section.key"),
     (["train.steps"], "section.key=value"),
 ])

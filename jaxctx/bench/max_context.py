@@ -1,7 +1,7 @@
 """`jaxctx bench max-context`: the longest sequence whose train step fits a memory budget, per variant.
 
 Our version of the max-context table of the Blockwise Parallel Transformer paper (Liu & Abbeel, 2023,
-arXiv:2305.19370, Table 2). Three variants of one config, all with the same remat policy:
+arXiv:2305.19370, Table 2). Three variants of one config, all with the same remat policy (and remat group size):
 
   vanilla           materialised attention (`reference`: [B, H, T, T] scores), whole-sequence MLP and loss
   memory_efficient  blockwise attention only (Rabe & Staats 2021 / FlashAttention); MLP and loss unchunked
@@ -146,7 +146,8 @@ def run_max_context(mc: MaxContextConfig, *, progress: Callable[[str], None] = l
     budget = int(mc.budget_gb * GIB)
 
     def model_fields(variant: str) -> dict[str, Any]:
-        return {**variant_overrides(variant, mlp_chunk=mlp_chunk, loss_chunk=loss_chunk), "remat_policy": remat}
+        return {**variant_overrides(variant, mlp_chunk=mlp_chunk, loss_chunk=loss_chunk), "remat_policy": remat,
+                "remat_group_size": base.model.remat_group_size}
 
     # The state alone must fit: params + optimizer state at the smallest length (learned position tables grow
     # with T, so this is a lower bound). Checked up front so a hopeless budget is an error, not a 0 in a table.
@@ -241,7 +242,7 @@ def _row(variant: str, found: SearchResult, memo: dict, fields: dict, batch: int
         "opt_state_gib": gib(state["opt_state"]) if state else None,
         "bytes_per_token_near_max": per_token,
         "probes": len(found.probes),
-        **{k: fields[k] for k in ("attention", "mlp_chunk", "loss_chunk", "remat_policy")},
+        **{k: fields[k] for k in ("attention", "mlp_chunk", "loss_chunk", "remat_policy", "remat_group_size")},
     }
 
 

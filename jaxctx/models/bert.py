@@ -94,7 +94,7 @@ class BertMLM(nn.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         x = self.token_embed(input_ids) + self.pos_embed(positions) + self.type_embed(token_type_ids)
         x = constrain(self.embed_norm(x), BTE)  # [B, T, D]
-        return run_layers(self.layers, x, segment_ids, None)
+        return run_layers(self.layers, x, segment_ids, None, cfg=self.cfg, block_cls=EncoderBlock)
 
     def hidden(self, input_ids, segment_ids=None, positions=None, token_type_ids=None):
         """MLM-transformed hidden states [B, T, D]: the input of the tied decoder."""

@@ -109,7 +109,7 @@ class CausalLM(nn.Module):
             inv_freq = rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling, cfg.max_positions)
             rope = rope_cos_sin(positions, inv_freq)  # cos, sin [B, T, 1, Dh], shared by every layer
         x = constrain(x, BTE)
-        x = run_layers(self.layers, x, segment_ids, rope)
+        x = run_layers(self.layers, x, segment_ids, rope, cfg=cfg, block_cls=DecoderBlock)
         return self.final_norm(x)
 
     def head(self):

@@ -1,4 +1,13 @@
-"""gather_rows: the embedding lookup's values and gradients equal jnp.take's, repeated and out-of-range ids too."""
+"""Shared layers: the embedding lookup (values and gradients equal jnp.take's, repeated and out-of-range ids too)
+and grouped remat of the layer stack (exactly the same loss and gradients as per-layer remat)."""
+
+import dataclasses
+
+import flax.linen as nn
+import pytest
+
+from jaxctx import config as config_lib
+from jaxctx.models import build
 
 import jax
 import jax.numpy as jnp
@@ -29,3 +38,23 @@ def test_gather_rows_out_of_range_ids_get_no_gradient():
     assert np.isnan(np.asarray(rows[0, 1])).all()
     grad = jax.grad(lambda t: jnp.sum(jnp.nan_to_num(gather_rows(t, ids))))(table)
     np.testing.assert_array_equal(grad, jnp.zeros((5, 2)).at[1].set(1.0))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_remat_groups_give_the_same_loss_and_gradients(family):
+    cfg = config_lib.load("configs/tiny.yaml", [f"model.family={family}", "model.num_layers=4",
+                                                "model.remat_policy=full"]).model
+    per_layer, grouped = build(cfg), build(dataclasses.replace(cfg, remat_group_size=2))
+    ids = jax.random.randint(jax.random.key(0), (2, 16), 0, cfg.vocab_size)
+    params = nn.unbox(per_layer.init(jax.random.key(1), ids)["params"])
+    grouped_params = nn.unbox(grouped.init(jax.random.key(1), ids)["params"])
+    # the param tree does not change with grouping: stacked [L, ...] leaves, same names, same init
+    jax.tree.map(np.testing.assert_array_equal, grouped_params, params)
+
+    def loss(model, p):
+        return jnp.sum(jnp.sin(model.apply({"params": p}, ids)))
+
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(lambda p: loss(per_layer, p)))(params)
+    got_loss, got_grads = jax.jit(jax.value_and_grad(lambda p: loss(grouped, p)))(params)
+    np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got_grads, ref_grads)

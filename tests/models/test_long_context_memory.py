@@ -18,11 +18,20 @@ def _step_bytes(base, t):
     return compile_step(config_at(base, seq_len=t, batch=1), devices=jax.devices()[:1]).memory.total_bytes
 
 
-def test_blockwise_step_costs_few_activations_per_token():
+def _arrays_per_token(*overrides):
     base = config_lib.load("configs/tiny.yaml", [
-        "train.grad_accum=1", "data.seq_len=4096", "model.num_layers=4", "model.attention=blockwise",
-        "model.mlp_chunk=512", "model.loss_chunk=512", "model.remat_policy=full"])
+        "train.grad_accum=1", "data.seq_len=4096", "model.attention=blockwise", "model.mlp_chunk=512",
+        "model.loss_chunk=512", "model.remat_policy=full", *overrides])
     small, large = _step_bytes(base, 4096), _step_bytes(base, 8192)
-    per_token = (large - small) / 4096
-    arrays_per_token = per_token / (base.model.d_model * 4)  # in f32 [T, D] arrays
-    assert arrays_per_token <= 23, (small, large, arrays_per_token)
+    return (large - small) / 4096 / (base.model.d_model * 4)  # in f32 [T, D] arrays per token
+
+
+def test_blockwise_step_costs_few_activations_per_token():
+    assert _arrays_per_token("model.num_layers=4") <= 23
+
+
+def test_remat_groups_save_layer_inputs():
+    """8 layers in groups of 4: the backward holds 2 group inputs + 4 layer inputs instead of 8."""
+    per_layer = _arrays_per_token("model.num_layers=8")
+    grouped = _arrays_per_token("model.num_layers=8", "model.remat_group_size=4")
+    assert grouped <= per_layer - 1.5, (per_layer, grouped)
