@@ -137,9 +137,13 @@ def run_max_context(mc: MaxContextConfig, *, progress: Callable[[str], None] = l
     """Search every variant; return the JSON-ready result {"bench": "max-context", ..., "rows", "probes"}."""
     mc = mc.validated()
     base = config_lib.load(mc.config, list(mc.overrides))
+    # The question is how long one sequence per device can be: the step takes its whole batch at once (no
+    # gradient accumulation, whose extra gradient buffer -- learned position tables included -- would be
+    # charged to the context).
+    base = dataclasses.replace(base, train=dataclasses.replace(base.train, grad_accum=1))
     devices = pick_devices(mc.devices)
     data, fsdp, _ = mesh_shape(base.parallel, len(devices))
-    batch = mc.batch if mc.batch is not None else data * fsdp * base.train.grad_accum
+    batch = mc.batch if mc.batch is not None else data * fsdp
     remat = mc.remat_policy or base.model.remat_policy
     mlp_chunk = mc.mlp_chunk or base.model.mlp_chunk or DEFAULT_CHUNK
     loss_chunk = mc.loss_chunk or base.model.loss_chunk or DEFAULT_CHUNK

@@ -27,6 +27,7 @@ import numpy as np
 from jaxctx.config import ModelConfig
 from jaxctx.ops import attention
 from jaxctx.ops.buffers import zeros_like_in_loop
+from jaxctx.ops.norms import layer_norm, rms_norm
 from jaxctx.ops.feedforward import (blockwise_feedforward, chunked_cross_entropy, project_logits,
                                     token_cross_entropy)
 
@@ -119,11 +120,8 @@ class LayerNorm(nn.Module):
         self.bias = make_param(self, "bias", zeros, (d,), ("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)  # biased variance, as torch
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.cfg.eps) * self.scale + self.bias
-        return y.astype(compute_dtype(self.cfg))
+        # biased variance, as torch; the VJP keeps only x and per-row statistics (jaxctx.ops.norms)
+        return layer_norm(x, self.scale, self.bias, eps=self.cfg.eps, out_dtype=compute_dtype(self.cfg))
 
 
 class RMSNorm(nn.Module):
@@ -135,9 +133,7 @@ class RMSNorm(nn.Module):
         self.scale = make_param(self, "scale", ones, (self.cfg.d_model,), ("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.cfg.eps)
-        return (y * self.scale).astype(compute_dtype(self.cfg))
+        return rms_norm(x, self.scale, eps=self.cfg.eps, out_dtype=compute_dtype(self.cfg))
 
 
 def make_norm(cfg: ModelConfig, **kwargs) -> nn.Module:
