@@ -134,7 +134,9 @@ def _sum_chunks_bwd(fn, chunk, residuals, d_total):
         dx = lax.dynamic_update_slice_in_dim(dx, dx_chunk.astype(dx.dtype), i * chunk, axis=1)
         return dx, _add_cotangents(dconsts, dconsts_chunk)
 
-    init = (zeros_like_in_loop(d_total, x.shape, x.dtype), _zero_cotangents(consts, d_total))
+    # Anchored on x, not on d_total: the loss's cotangent seed is a constant, and zeros made from a constant are
+    # scheduled at the start of the step, held through the whole forward pass.
+    init = (zeros_like_in_loop(x), _zero_cotangents(consts, x))
     dx, dconsts = lax.fori_loop(0, x.shape[1] // chunk, body, init)
     return dx, tuple(None for _ in aux), _cast_cotangents(dconsts, consts)
 

@@ -21,6 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxctx.ops.buffers import zeros_like_in_loop
+
 
 def layer_norm_reference(x, scale, bias, eps: float, out_dtype):
     x32 = x.astype(jnp.float32)
@@ -54,7 +56,9 @@ def _norm_forward(x, scale, bias, eps, out_dtype, centered):
 def _norm_backward(x, scale, bias, mean, rstd, dy, centered):
     x_hat = (x.astype(jnp.float32) - mean) * rstd  # [..., D], recomputed (fused into the passes below)
     dy = dy.astype(jnp.float32)
-    g = dy * scale
+    # scale + zeros made from dy: the [.., D] broadcast of `scale` then depends on dy, so XLA cannot materialise
+    # it at the start of the step (it did, for the final norm: one [T, D] array held through the forward pass).
+    g = dy * (scale + zeros_like_in_loop(dy, scale.shape, jnp.float32))
     correction = x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True)
     if centered:
         correction = correction + jnp.mean(g, axis=-1, keepdims=True)
