@@ -54,11 +54,14 @@ def _norm_forward(x, scale, bias, eps, out_dtype, centered):
 
 
 def _norm_backward(x, scale, bias, mean, rstd, dy, centered):
+    # Everything here is made to depend on dy by adding a zero computed from it: otherwise XLA computes x_hat (and
+    # broadcasts of the statistics and the scale) as soon as the forward has -- merging them with the forward's
+    # own -- and holds those [.., D] arrays until dy arrives, which is exactly what this VJP exists to avoid.
+    zero = zeros_like_in_loop(dy, (), jnp.float32)
+    mean, rstd, scale = mean + zero, rstd + zero, scale + zero
     x_hat = (x.astype(jnp.float32) - mean) * rstd  # [..., D], recomputed (fused into the passes below)
     dy = dy.astype(jnp.float32)
-    # scale + zeros made from dy: the [.., D] broadcast of `scale` then depends on dy, so XLA cannot materialise
-    # it at the start of the step (it did, for the final norm: one [T, D] array held through the forward pass).
-    g = dy * (scale + zeros_like_in_loop(dy, scale.shape, jnp.float32))
+    g = dy * scale
     correction = x_hat * jnp.mean(g * x_hat, axis=-1, keepdims=True)
     if centered:
         correction = correction + jnp.mean(g, axis=-1, keepdims=True)
