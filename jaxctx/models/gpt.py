@@ -64,7 +64,7 @@ class DecoderBlock(nn.Module):
 
     def __call__(self, x, segment_ids, rope):
         x = x + self.attn(self.attn_norm(x), segment_ids, rope)  # [B, T, D]
-        x = x + self.mlp(self.mlp_norm(x))
+        x = x + self.mlp(x, norm=self.mlp_norm.as_function())  # the norm runs per MLP chunk
         return constrain(x, BTE), None  # (scan carry, no per-layer output)
 
 

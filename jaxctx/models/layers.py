@@ -120,8 +120,13 @@ class LayerNorm(nn.Module):
         self.bias = make_param(self, "bias", zeros, (d,), ("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        return self.as_function()(x)
+
+    def as_function(self) -> Callable[[jax.Array], jax.Array]:
+        """The norm as a pure function of x closing over this module's params (for chunked callers)."""
+        scale, bias, eps, dtype = self.scale, self.bias, self.cfg.eps, compute_dtype(self.cfg)
         # biased variance, as torch; the VJP keeps only x and per-row statistics (jaxctx.ops.norms)
-        return layer_norm(x, self.scale, self.bias, eps=self.cfg.eps, out_dtype=compute_dtype(self.cfg))
+        return lambda x: layer_norm(x, scale, bias, eps=eps, out_dtype=dtype)
 
 
 class RMSNorm(nn.Module):
@@ -133,7 +138,12 @@ class RMSNorm(nn.Module):
         self.scale = make_param(self, "scale", ones, (self.cfg.d_model,), ("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, self.scale, eps=self.cfg.eps, out_dtype=compute_dtype(self.cfg))
+        return self.as_function()(x)
+
+    def as_function(self) -> Callable[[jax.Array], jax.Array]:
+        """The norm as a pure function of x closing over this module's params (for chunked callers)."""
+        scale, eps, dtype = self.scale, self.cfg.eps, compute_dtype(self.cfg)
+        return lambda x: rms_norm(x, scale, eps=eps, out_dtype=dtype)
 
 
 def make_norm(cfg: ModelConfig, **kwargs) -> nn.Module:
@@ -286,13 +296,16 @@ class Mlp(nn.Module):
                                       ("mlp", "embed"))
         self.down_bias = make_param(self, "down_bias", zeros, (d,), ("embed",))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, norm: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+        """mlp(x), or mlp(norm(x)) with the (position-wise) pre-norm applied per chunk: see `SwiGluMlp`."""
         dtype = compute_dtype(self.cfg)
         # Cast once outside the (possibly chunked) function so each chunk reuses the same compute-dtype copies.
         wi, bi = self.up_kernel.astype(dtype), self.up_bias.astype(dtype)
         wo, bo = self.down_kernel.astype(dtype), self.down_bias.astype(dtype)
 
         def mlp(x):  # position-wise: [B, t, D] -> [B, t, D]
+            if norm is not None:
+                x = norm(x)
             h = constrain(self.activation(x @ wi + bi), BTF)  # [B, t, F]
             return h @ wo + bo
 
@@ -312,11 +325,18 @@ class SwiGluMlp(nn.Module):
         self.up_kernel = make_param(self, "up_kernel", init, (d, f), ("embed", "mlp"))
         self.down_kernel = make_param(self, "down_kernel", init, (f, d), ("mlp", "embed"))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, norm: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+        """mlp(x), or mlp(norm(x)) with the pre-norm applied per chunk.
+
+        Passing the norm in (rather than its output) matters when cfg.mlp_chunk > 0: the normalised [B, T, D]
+        input then never exists for the whole sequence, only chunk by chunk.
+        """
         dtype = compute_dtype(self.cfg)
         wg, wu, wo = (w.astype(dtype) for w in (self.gate_kernel, self.up_kernel, self.down_kernel))
 
         def mlp(x):  # position-wise: [B, t, D] -> [B, t, D]
+            if norm is not None:
+                x = norm(x)
             h = constrain(jax.nn.silu(x @ wg) * (x @ wu), BTF)  # [B, t, F]
             return h @ wo
 
