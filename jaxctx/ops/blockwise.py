@@ -225,10 +225,18 @@ def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, causal, bq, bk):
         v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
 
         def query_block(i, state, masked):
-            return _run_block(lambda st, segs: update(i, st, masked, segs), state, i, j, ranges)
+            dq_acc, dk_acc, dv_acc = state  # dq_acc [B, Tq, Hkv, G, D]; dk/dv_acc [B, Hkv, bk, D]
+            # Only block-sized values go through _run_block's lax.switch: with the full-length dq buffer in the
+            # switch's operands XLA copies it (one more [B, T, H, D] array whenever segment ids are given).
+            dq_zero = jnp.zeros((b, bq) + q.shape[2:], jnp.float32)
+            dq_blk, dk_acc, dv_acc = _run_block(lambda st, segs: update(i, st, masked, segs),
+                                                (dq_zero, dk_acc, dv_acc), i, j, ranges)
+            dq_acc = lax.dynamic_update_slice_in_dim(
+                dq_acc, lax.dynamic_slice_in_dim(dq_acc, i * bq, bq, axis=1) + dq_blk, i * bq, axis=1)
+            return dq_acc, dk_acc, dv_acc
 
         def update(i, state, masked, segs):
-            dq_acc, dk_acc, dv_acc = state  # dq_acc [B, Tq, Hkv, G, D]; dk/dv_acc [B, Hkv, bk, D]
+            _, dk_acc, dv_acc = state  # the block's dQ [B, bq, Hkv, G, D] starts at zero
             q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1) * jnp.asarray(scale, q.dtype)
             do_blk = lax.dynamic_slice_in_dim(d_out, i * bq, bq, axis=1)  # [B, bq, Hkv, G, D]
             lse_blk = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)  # [B, Hkv, G, bq]
@@ -242,11 +250,9 @@ def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, causal, bq, bk):
             ds = p * (dp - delta_blk[..., None])  # [B, Hkv, G, bq, bk]
             ds_in = ds.astype(q.dtype)
             dq_blk = jnp.einsum("bhgqk,bkhd->bqhgd", ds_in, k_blk, preferred_element_type=jnp.float32) * scale
-            dq_acc = lax.dynamic_update_slice_in_dim(
-                dq_acc, lax.dynamic_slice_in_dim(dq_acc, i * bq, bq, axis=1) + dq_blk, i * bq, axis=1)
             # q_blk already carries the 1/sqrt(d) scale, so this is dK = scale * dS^T Q.
             dk_acc = dk_acc + jnp.einsum("bhgqk,bqhgd->bhkd", ds_in, q_blk, preferred_element_type=jnp.float32)
-            return dq_acc, dk_acc, dv_acc
+            return dq_blk, dk_acc, dv_acc
 
         zeros_kv = jnp.zeros((b, hkv, bk, d), jnp.float32)
         state = (dq_buf, zeros_kv, zeros_kv)

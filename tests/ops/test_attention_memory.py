@@ -39,3 +39,22 @@ def test_reference_memory_grows_quadratically():
 def test_blockwise_long_context_fits_512_mib():
     """T=32768, B=1, H=8, D=64, f32 causal forward+backward: at most 512 MiB of compiled temp memory."""
     assert _fwd_bwd_temp_bytes("blockwise", 32768) <= 512 * 2**20
+
+
+
+def test_segment_ids_add_no_full_length_buffer():
+    """Packed documents reuse the same buffers: the segment-range switch must not make XLA copy the full-length
+    dQ accumulator (it did when dQ went through lax.switch: +1 [B, T, H, D] f32 array)."""
+    t, h, d = 16384, 8, 64
+    spec = jax.ShapeDtypeStruct((1, t, h, d), jnp.float32)
+    seg = jax.ShapeDtypeStruct((1, t), jnp.int32)
+
+    def temp_bytes(*segment_ids):
+        def loss(q, k, v, *segs):
+            return jnp.sum(attention(q, k, v, causal=True, segment_ids=segs[0] if segs else None, impl="blockwise"))
+
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec, *segment_ids).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    plain, packed = temp_bytes(), temp_bytes(seg)
+    assert packed - plain < 0.5 * t * h * d * 4, (plain, packed)
