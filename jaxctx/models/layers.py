@@ -27,9 +27,9 @@ import numpy as np
 from jaxctx.config import ModelConfig
 from jaxctx.ops import attention
 from jaxctx.ops.buffers import zeros_like_in_loop
-from jaxctx.ops.norms import layer_norm, rms_norm
 from jaxctx.ops.feedforward import (blockwise_feedforward, chunked_cross_entropy, project_logits,
                                     token_cross_entropy)
+from jaxctx.ops.norms import layer_norm, rms_norm
 
 # Logical names of the main activations.
 BTE = ("activation_batch", "activation_length", "activation_embed")  # residual stream [B, T, D]

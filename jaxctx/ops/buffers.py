@@ -1,19 +1,19 @@
-"""Full-length output buffers that stay inside the loop that fills them.
+"""Zero buffers that are created where they are used, not at the start of the step.
 
-Kernels here build their [B, T, ...] outputs by writing blocks into a zero buffer (`dynamic_update_slice` in a
-`fori_loop`). A plain `jnp.zeros(shape)` depends on nothing, so when the kernel runs inside another loop (a layer
-`scan`, or the rematerialised backward of one) JAX's partial evaluation and XLA's loop-invariant code motion hoist
-it out of that loop: the zeros then live for the whole loop, and each iteration copies them before writing. On a
-128K-token GPT-2 step that was five [T, D] arrays held through the forward pass for nothing. `zeros_like_in_loop`
-ties the buffer to a value computed in the loop through an `optimization_barrier` on a scalar, so it is created
-where it is used and dies with its last use; its contents are exact zeros.
+Kernels here build their [B, T, ...] outputs and gradient accumulators by writing blocks into a zero buffer
+(`dynamic_update_slice` in a `fori_loop`). A plain `jnp.zeros(shape)` depends on nothing, so XLA is free to
+materialise it early -- hoisted out of an enclosing layer loop, or scheduled at the start of the step (XLA:CPU
+does both) -- and it then lives through everything in between. On a 128K-token GPT-2 step that was five [T, D]
+arrays held through the whole forward pass. `zeros_like_in_loop(anchor, ...)` computes the zero from one element
+of `anchor` (a value produced just before the buffer is needed), so the buffer cannot exist before the anchor
+does. An `optimization_barrier` does not do this on XLA:CPU (it is lowered to control edges and the broadcast
+still floats up); an arithmetic dependence does. The contents are exact zeros (+-0) whatever the anchor holds.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 
 def zeros_like_in_loop(anchor: jax.Array, shape: tuple[int, ...] | None = None, dtype=None) -> jax.Array:

@@ -90,11 +90,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert saved > 5 and str(saved) in os.listdir(tmp_path / "checkpoints")
 
 
-@pytest.mark.parametrize("model", [("model.family=gpt2",), ("model.family=llama", "model.num_kv_heads=1")],
-                         ids=["gpt2", "llama-gqa"])
+@pytest.mark.parametrize("model", [
+    ("model.family=gpt2",),
+    ("model.family=llama", "model.num_kv_heads=1"),
+    ("model.family=gpt2", "model.num_layers=4", "model.attention=blockwise", "model.mlp_chunk=32",
+     "model.loss_chunk=32", "model.remat_policy=full", "model.remat_group_size=2"),
+], ids=["gpt2", "llama-gqa", "gpt2-long-context-path"])
 def test_sharded_mesh_matches_one_device(tmp_path, model):
     """data x fsdp x tensor = 2 x 2 x 2 over 8 fake CPU devices gives the 1-device losses (GQA with a single
-    k/v head, which cannot be split over the tensor axis, included)."""
+    k/v head, which cannot be split over the tensor axis, included; and the long-context path: blockwise
+    attention, chunked MLP and loss, grouped remat)."""
     assert len(jax.devices()) >= 8
     base = ("train.steps=6", "train.log_every=1", "model.num_heads=4", "data.validation_fraction=0", *model)
     assert run(tiny(*base), str(tmp_path / "one"), devices=jax.devices()[:1]) == 0
