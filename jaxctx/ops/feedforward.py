@@ -89,19 +89,32 @@ def _map_chunks_fwd(fn, chunk, x, consts):
     return _map_chunks(fn, chunk, x, consts), (x, consts)
 
 
-def _map_chunks_bwd(fn, chunk, residuals, dy):
-    x, consts = residuals
+def _backward_over_chunks(chunk_vjp: Callable, chunk: int, x: jax.Array, consts: tuple, anchor: jax.Array):
+    """The shared backward loop: chunk_vjp(i) -> (dx_chunk [B, C, ...], const cotangents) for chunk i.
 
+    dx is written in place chunk by chunk; the constants' cotangents are summed in float32 and cast back at the end.
+    The accumulators are made from `anchor` so XLA cannot materialise them before the backward reaches this loop.
+    """
     def body(i, carry):
         dx, dconsts = carry
-        _, vjp = jax.vjp(fn, _chunk(x, i, chunk), *consts)  # recomputes the chunk: [B, C, d_ff] lives only here
-        dx_chunk, *dconsts_chunk = vjp(_chunk(dy, i, chunk))
+        dx_chunk, dconsts_chunk = chunk_vjp(i)
         dx = lax.dynamic_update_slice_in_dim(dx, dx_chunk.astype(dx.dtype), i * chunk, axis=1)
         return dx, _add_cotangents(dconsts, dconsts_chunk)
 
-    init = (zeros_like_in_loop(dy, x.shape, x.dtype), _zero_cotangents(consts, dy))
+    init = (zeros_like_in_loop(anchor, x.shape, x.dtype), _zero_cotangents(consts, anchor))
     dx, dconsts = lax.fori_loop(0, x.shape[1] // chunk, body, init)
     return dx, _cast_cotangents(dconsts, consts)
+
+
+def _map_chunks_bwd(fn, chunk, residuals, dy):
+    x, consts = residuals
+
+    def chunk_vjp(i):
+        _, vjp = jax.vjp(fn, _chunk(x, i, chunk), *consts)  # recomputes the chunk: [B, C, d_ff] lives only here
+        dx_chunk, *dconsts_chunk = vjp(_chunk(dy, i, chunk))
+        return dx_chunk, dconsts_chunk
+
+    return _backward_over_chunks(chunk_vjp, chunk, x, consts, anchor=dy)
 
 
 _map_chunks.defvjp(_map_chunks_fwd, _map_chunks_bwd)
@@ -126,19 +139,16 @@ def _sum_chunks_fwd(fn, chunk, x, aux, consts):
 def _sum_chunks_bwd(fn, chunk, residuals, d_total):
     x, aux, consts = residuals
 
-    def body(i, carry):
-        dx, dconsts = carry
+    def chunk_vjp(i):
         aux_chunk = tuple(_chunk(a, i, chunk) for a in aux)
         _, vjp = jax.vjp(lambda xc, *cs: fn(xc, aux_chunk, *cs), _chunk(x, i, chunk), *consts)
         dx_chunk, *dconsts_chunk = vjp(d_total)
-        dx = lax.dynamic_update_slice_in_dim(dx, dx_chunk.astype(dx.dtype), i * chunk, axis=1)
-        return dx, _add_cotangents(dconsts, dconsts_chunk)
+        return dx_chunk, dconsts_chunk
 
     # Anchored on x, not on d_total: the loss's cotangent seed is a constant, and zeros made from a constant are
     # scheduled at the start of the step, held through the whole forward pass.
-    init = (zeros_like_in_loop(x), _zero_cotangents(consts, x))
-    dx, dconsts = lax.fori_loop(0, x.shape[1] // chunk, body, init)
-    return dx, tuple(None for _ in aux), _cast_cotangents(dconsts, consts)
+    dx, dconsts = _backward_over_chunks(chunk_vjp, chunk, x, consts, anchor=x)
+    return dx, tuple(None for _ in aux), dconsts
 
 
 _sum_chunks.defvjp(_sum_chunks_fwd, _sum_chunks_bwd)
