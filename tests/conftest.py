@@ -2,8 +2,9 @@
 
 import os
 
-# Must be set before jax initialises its backends; harmless for tests that use one device.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must be set before jax initialises its backends; harmless for tests that use one device. Appended to a user's
+# own XLA_FLAGS rather than skipped when they are set (XLA takes the last occurrence of a repeated flag).
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
