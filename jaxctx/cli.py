@@ -31,12 +31,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    return run_guarded(f"jaxctx {args.command}", args.func, args)
+
+
+def run_guarded(prog: str, func, *args) -> int:
+    """Run an entry point: a user's mistake prints one line and exits 2; a bug keeps its traceback.
+
+    User mistakes are `jaxctx.errors.UserError` and the OS errors about a path the user named (missing, a
+    directory where a file was expected, no permission): they get `PROG: error: MESSAGE`. Any other exception
+    propagates with its traceback, because it is a jaxctx bug the user should be able to report.
+    """
+    from jaxctx.errors import UserError, report_user_error
+
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        # User errors (bad config, missing files, bad shapes) print one clear line, not a traceback.
-        print(f"jaxctx {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return int(func(*args) or 0)
+    except UserError as err:
+        return report_user_error(prog, err)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        return report_user_error(prog, err)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from typing import Any, Mapping, Sequence, get_type_hints
 
 import yaml
 
+from jaxctx.errors import ConfigError  # noqa: F401  (re-exported: callers catch jaxctx.config.ConfigError)
+
 FAMILIES = ("gpt2", "llama", "bert")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -30,10 +32,6 @@ REMAT_POLICIES = (
     "checkpoint_dots_with_no_batch_dims",
     "everything_saveable",
 )
-
-
-class ConfigError(ValueError):
-    """A config value or key is invalid; the message names the key and what would be valid."""
 
 
 @dataclass(frozen=True)
@@ -147,8 +145,20 @@ class ModelConfig:
         if self.family == "bert" and not self.tied:
             raise ConfigError("model.tie_embeddings=false is not supported for bert (HF ties the MLM decoder)")
         if self.rope_scaling is not None:
-            kind = dict(self.rope_scaling).get("rope_type", dict(self.rope_scaling).get("type"))
+            scaling = dict(self.rope_scaling)
+            kind = scaling.get("rope_type", scaling.get("type"))
             _check_choice("model.rope_scaling.rope_type", kind, ("default", "linear", "llama3"))
+            needed = {"default": (), "linear": ("factor",),
+                      "llama3": ("factor", "low_freq_factor", "high_freq_factor")}[kind]
+            for name in needed:
+                value = scaling.get(name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    raise ConfigError(f"model.rope_scaling.{name} must be a positive number for rope_type={kind} "
+                                      f"(got {value!r}), e.g. {{rope_type: {kind}, factor: 8"
+                                      f"{', low_freq_factor: 1, high_freq_factor: 4' if kind == 'llama3' else ''}}}")
+            if kind == "llama3" and scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
+                raise ConfigError(f"model.rope_scaling.low_freq_factor={scaling['low_freq_factor']} must be below "
+                                  f"high_freq_factor={scaling['high_freq_factor']}")
 
 
 @dataclass(frozen=True)
@@ -272,6 +282,9 @@ class Config:
             if size and size > self.data.seq_len:
                 raise ConfigError(f"model.{key}={size} exceeds data.seq_len={self.data.seq_len}; use a block or "
                                   f"chunk no longer than the sequence (or 0/null for the default)")
+        if self.model.attention == "splash" and self.data.seq_len % 128:
+            raise ConfigError(f"model.attention=splash needs data.seq_len divisible by 128, got "
+                              f"{self.data.seq_len}; round it to a multiple of 128 or use blockwise")
         if self.model.max_positions is not None and self.model.family != "llama":
             if self.data.seq_len > self.model.max_positions:
                 raise ConfigError(
@@ -387,13 +400,20 @@ def load(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -
     values: dict = {}
     if path is not None:
         path = os.fspath(path)
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise ConfigError(f"config file {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            try:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path} is not a file (give a .yaml experiment file)")
+        try:
+            with open(path, encoding="utf-8") as f:
                 values = yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as "
+                              f"UTF-8 YAML") from None
+        except OSError as err:
+            raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(values).__name__}")
     values = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in values.items()}

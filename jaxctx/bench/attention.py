@@ -25,6 +25,7 @@ from jaxctx.bench.flops import ATTENTION_FLOP_CONVENTION, attention_flops
 from jaxctx.bench.machine import device_peak, machine_info, matmul_rate, memory_budget, peak_device_memory_bytes
 from jaxctx.bench.measure import GIB, MIB, Compiled, compile_ahead, format_bytes, profiler_trace, time_call
 from jaxctx.ops.attention import IMPLS, attention, resolve_impl
+from jaxctx.errors import UsageError
 
 DEFAULT_SEQ_LENS = tuple(2 ** p for p in range(10, 16))  # 1024 ... 32768
 PHASES = ("fwd", "fwd_bwd")  # field prefixes in every row
@@ -51,18 +52,18 @@ def check_impls(impls, backend: str | None = None, dtype: str = "float32") -> tu
     """Validate implementation names against the kernels, the backend and the dtype; errors name valid ones."""
     backend = backend or jax.default_backend()
     if not impls:
-        raise ValueError(f"--impls is empty; choose from {', '.join(IMPLS)}")
+        raise UsageError(f"--impls is empty; choose from {', '.join(IMPLS)}")
     runnable = available_impls(backend, dtype)
     for impl in impls:
         if impl not in IMPLS:
-            raise ValueError(f"--impls: unknown implementation {impl!r}; valid: {', '.join(IMPLS)} "
+            raise UsageError(f"--impls: unknown implementation {impl!r}; valid: {', '.join(IMPLS)} "
                              f"(on this {backend} machine: {', '.join(runnable)})")
         if impl == "cudnn" and backend == "gpu" and dtype not in CUDNN_DTYPES:
-            raise ValueError(f"--impls: 'cudnn' needs --dtype {' or '.join(CUDNN_DTYPES)} (cuDNN fused attention "
+            raise UsageError(f"--impls: 'cudnn' needs --dtype {' or '.join(CUDNN_DTYPES)} (cuDNN fused attention "
                              f"has no {dtype} kernel); got --dtype {dtype}")
         if impl != "auto" and impl not in runnable:
             need = {"cudnn": "a GPU", "splash": "a TPU with jaxctx.ops.splash"}.get(impl, "another backend")
-            raise ValueError(f"--impls: {impl!r} needs {need}, but the backend is {backend!r}; "
+            raise UsageError(f"--impls: {impl!r} needs {need}, but the backend is {backend!r}; "
                              f"on this machine use {', '.join(runnable)}")
     return tuple(dict.fromkeys(impls))  # drop repeats, keep order
 
@@ -103,30 +104,30 @@ class AttentionBenchConfig:
                 positive[flag] = getattr(self, flag)
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"--warmup must be a non-negative integer, got {self.warmup!r}")
+            raise UsageError(f"--warmup must be a non-negative integer, got {self.warmup!r}")
         if self.heads % kv_heads:
-            raise ValueError(f"--heads {self.heads} must be divisible by --kv-heads {kv_heads} (grouped-query "
+            raise UsageError(f"--heads {self.heads} must be divisible by --kv-heads {kv_heads} (grouped-query "
                              f"attention shares each k/v head across heads / kv_heads query heads)")
         try:
             jnp.dtype(self.dtype)
         except TypeError:
-            raise ValueError(f"--dtype {self.dtype!r} is not a dtype; use float32, bfloat16 or float16") from None
+            raise UsageError(f"--dtype {self.dtype!r} is not a dtype; use float32, bfloat16 or float16") from None
         if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
-            raise ValueError(f"--dtype must be floating (float32, bfloat16, float16), got {self.dtype!r}")
+            raise UsageError(f"--dtype must be floating (float32, bfloat16, float16), got {self.dtype!r}")
         if self.max_temp_gb is not None and not self.max_temp_gb > 0:
-            raise ValueError(f"--max-temp-gb must be a positive number of GiB, got {self.max_temp_gb!r}")
+            raise UsageError(f"--max-temp-gb must be a positive number of GiB, got {self.max_temp_gb!r}")
         return dataclasses.replace(self, seq_lens=seq_lens, impls=impls, kv_heads=kv_heads)
 
 
 def check_seq_lens(seq_lens) -> tuple[int, ...]:
     """Sequence lengths must be positive integers; returns them sorted without repeats (plots need order)."""
     if not seq_lens:
-        raise ValueError("--seq-lens is empty; give positive integers, e.g. 1024,2048,4096")
+        raise UsageError("--seq-lens is empty; give positive integers, e.g. 1024,2048,4096")
     for t in seq_lens:
         if not isinstance(t, int) or isinstance(t, bool) or t <= 0:
-            raise ValueError(f"--seq-lens: {t!r} is not a positive integer; give e.g. 1024,2048,4096")
+            raise UsageError(f"--seq-lens: {t!r} is not a positive integer; give e.g. 1024,2048,4096")
     return tuple(sorted(set(seq_lens)))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from jaxctx.errors import UsageError
 
 DEFAULT_SEQ_LENS = "1024,2048,4096,8192,16384,32768"  # mirrors jaxctx.bench.attention.DEFAULT_SEQ_LENS
 DTYPES = ("float32", "bfloat16", "float16")
@@ -103,10 +104,10 @@ def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
         try:
             value = int(item)
         except ValueError:
-            raise ValueError(f"{flag}: {item!r} is not an integer; give comma-separated positive integers, "
+            raise UsageError(f"{flag}: {item!r} is not an integer; give comma-separated positive integers, "
                              f"e.g. {flag} 1024,2048,4096") from None
         if value <= 0:
-            raise ValueError(f"{flag}: {value} is not positive; give comma-separated positive integers, "
+            raise UsageError(f"{flag}: {value} is not positive; give comma-separated positive integers, "
                              f"e.g. {flag} 1024,2048,4096")
         values.append(value)
     return tuple(values)

@@ -15,6 +15,8 @@ Softmax, scaling and masking are not counted (they are O(T^2) elementwise, not m
 
 from __future__ import annotations
 
+from jaxctx.errors import UsageError
+
 # Backward / forward FLOP ratio of attention (see module docstring).
 ATTENTION_BACKWARD_RATIO = 2.5
 
@@ -32,7 +34,7 @@ def attention_flops(batch: int, heads: int, seq_len: int, head_dim: int, *, caus
     """
     for name, value in (("batch", batch), ("heads", heads), ("seq_len", seq_len), ("head_dim", head_dim)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"attention_flops: {name} must be a positive integer, got {value!r}")
+            raise UsageError(f"attention_flops: {name} must be a positive integer, got {value!r}")
     fwd = 4.0 * batch * heads * seq_len * seq_len * head_dim
     if causal:
         fwd /= 2.0
@@ -92,7 +94,7 @@ def train_flops_per_token(matmul_params: int, *, num_layers: int, heads: int, he
     for name, value in (("matmul_params", matmul_params), ("num_layers", num_layers), ("heads", heads),
                         ("head_dim", head_dim), ("seq_len", seq_len)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"train_flops_per_token: {name} must be a positive integer, got {value!r}")
+            raise UsageError(f"train_flops_per_token: {name} must be a positive integer, got {value!r}")
     dense = 6.0 * matmul_params
     attn = 12.0 * num_layers * heads * head_dim * seq_len
     if causal:

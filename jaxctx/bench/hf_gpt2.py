@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from jaxctx.config import ModelConfig
+from jaxctx.errors import UsageError
 
 
 def _import_torch():
@@ -23,7 +24,7 @@ def _import_torch():
         import torch
         import transformers
     except ImportError as err:  # pragma: no cover - both are installed in the test environment
-        raise ValueError(f"--compare-hf needs PyTorch and transformers ({err}); pip install torch transformers") \
+        raise UsageError(f"--compare-hf needs PyTorch and transformers ({err}); pip install torch transformers") \
             from None
     return torch, transformers
 
@@ -31,10 +32,10 @@ def _import_torch():
 def hf_config(model: ModelConfig, seq_len: int):
     """The `GPT2Config` with the jaxctx model's shapes (gpt2 family only)."""
     if model.family != "gpt2":
-        raise ValueError(f"--compare-hf compares against HF GPT2LMHeadModel, so it needs model.family=gpt2, got "
+        raise UsageError(f"--compare-hf compares against HF GPT2LMHeadModel, so it needs model.family=gpt2, got "
                          f"{model.family!r}")
     if model.dim_per_head * model.num_heads != model.d_model:
-        raise ValueError(f"--compare-hf: GPT-2 needs d_model = heads x head_dim, got {model.d_model} != "
+        raise UsageError(f"--compare-hf: GPT-2 needs d_model = heads x head_dim, got {model.d_model} != "
                          f"{model.num_heads} x {model.dim_per_head}")
     _, transformers = _import_torch()
     return transformers.GPT2Config(

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jaxctx.bench.flops import matmul_flops
 from jaxctx.bench.measure import GIB, compile_ahead, time_call
+from jaxctx.errors import UsageError
 
 # Share of host RAM a CPU bench plans for by default: leaves room for the OS, the Python process and, on a
 # shared machine, other people's jobs. Accelerators reserve their memory up front, so most of it is usable.
@@ -101,7 +102,7 @@ def memory_budget(max_gb: float | None = None) -> dict[str, Any]:
     """
     if max_gb is not None:
         if not max_gb > 0:
-            raise ValueError(f"--max-temp-gb must be a positive number of GiB, got {max_gb!r}")
+            raise UsageError(f"--max-temp-gb must be a positive number of GiB, got {max_gb!r}")
         return {"bytes": int(max_gb * GIB), "source": f"--max-temp-gb {max_gb:g}"}
     device = jax.devices()[0]
     if jax.default_backend() != "cpu":
@@ -128,7 +129,7 @@ def matmul_rate(n: int | None = None, dtype: str = "float32", *, repeats: int = 
     """
     n = default_matmul_size() if n is None else n
     if not isinstance(n, int) or n <= 0:
-        raise ValueError(f"matmul size must be a positive integer, got {n!r}")
+        raise UsageError(f"matmul size must be a positive integer, got {n!r}")
     abstract = jax.ShapeDtypeStruct((n, n), jnp.dtype(dtype))
     compiled = compile_ahead(jnp.matmul, abstract, abstract).executable
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)

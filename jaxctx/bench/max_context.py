@@ -25,6 +25,7 @@ from jaxctx.bench.measure import GIB, format_bytes, mib, sig
 from jaxctx.bench.trainstep import build_runner, compile_step, compile_with_report, config_at, pick_devices, \
     state_bytes
 from jaxctx.parallel import mesh_shape
+from jaxctx.errors import UsageError
 
 SCHEMA_VERSION = 1
 VARIANTS = ("vanilla", "memory_efficient", "blockwise")
@@ -40,7 +41,7 @@ def variant_overrides(variant: str, *, mlp_chunk: int, loss_chunk: int) -> dict[
         return {"attention": "blockwise", "mlp_chunk": 0, "loss_chunk": 0}
     if variant == "blockwise":
         return {"attention": "blockwise", "mlp_chunk": mlp_chunk, "loss_chunk": loss_chunk}
-    raise ValueError(f"--variants: unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    raise UsageError(f"--variants: unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +58,7 @@ def search_max_len(fits: Callable[[int], bool], *, start: int, granularity: int,
     """
     for name, value in (("start", start), ("granularity", granularity), ("limit", limit)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise UsageError(f"{name} must be a positive integer, got {value!r}")
     probes: list[tuple[int, bool]] = []
 
     def probe(t: int) -> bool:
@@ -67,7 +68,7 @@ def search_max_len(fits: Callable[[int], bool], *, start: int, granularity: int,
 
     t = min(-(-start // granularity) * granularity, limit // granularity * granularity)
     if t < granularity:
-        raise ValueError(f"limit {limit} is below the granularity {granularity}")
+        raise UsageError(f"limit {limit} is below the granularity {granularity}")
     lo, hi = 0, None  # lo fits (0 = nothing known to fit), hi does not
     while True:  # doubling
         if probe(t):
@@ -108,27 +109,27 @@ class MaxContextConfig:
     def validated(self) -> "MaxContextConfig":
         if not isinstance(self.budget_gb, (int, float)) or isinstance(self.budget_gb, bool) or \
                 not self.budget_gb > 0:
-            raise ValueError(f"--budget-gb must be a positive number of GiB, got {self.budget_gb!r}")
+            raise UsageError(f"--budget-gb must be a positive number of GiB, got {self.budget_gb!r}")
         if not self.variants:
-            raise ValueError(f"--variants is empty; choose from {', '.join(VARIANTS)}")
+            raise UsageError(f"--variants is empty; choose from {', '.join(VARIANTS)}")
         for v in self.variants:
             if v not in VARIANTS:
-                raise ValueError(f"--variants: unknown variant {v!r}; valid: {', '.join(VARIANTS)}")
+                raise UsageError(f"--variants: unknown variant {v!r}; valid: {', '.join(VARIANTS)}")
         if self.remat_policy is not None and self.remat_policy not in config_lib.REMAT_POLICIES:
-            raise ValueError(f"--remat-policy: unknown policy {self.remat_policy!r}; valid: "
+            raise UsageError(f"--remat-policy: unknown policy {self.remat_policy!r}; valid: "
                              f"{', '.join(config_lib.REMAT_POLICIES)}")
         for name in ("granularity", "start", "limit"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+                raise UsageError(f"--{name} must be a positive integer, got {value!r}")
         for name in ("mlp_chunk", "loss_chunk", "batch", "devices"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if self.limit < self.granularity:
-            raise ValueError(f"--limit {self.limit} must be at least --granularity {self.granularity}")
+            raise UsageError(f"--limit {self.limit} must be at least --granularity {self.granularity}")
         if not isinstance(self.buffers, int) or self.buffers < 0:
-            raise ValueError(f"--buffers must be a non-negative integer, got {self.buffers!r}")
+            raise UsageError(f"--buffers must be a non-negative integer, got {self.buffers!r}")
         return dataclasses.replace(self, variants=tuple(dict.fromkeys(self.variants)), overrides=tuple(self.overrides))
 
 
@@ -159,7 +160,7 @@ def run_max_context(mc: MaxContextConfig, *, progress: Callable[[str], None] = l
         config_at(base, seq_len=mc.granularity, batch=batch, model=model_fields("blockwise")), devices))
     state_total = smallest["params"] + smallest["opt_state"]
     if state_total > budget:
-        raise ValueError(f"--budget-gb {mc.budget_gb:g} ({format_bytes(budget)}) is below the parameter + optimizer "
+        raise UsageError(f"--budget-gb {mc.budget_gb:g} ({format_bytes(budget)}) is below the parameter + optimizer "
                          f"memory of this config ({format_bytes(state_total)} per device: params "
                          f"{format_bytes(smallest['params'])}, optimizer state "
                          f"{format_bytes(smallest['opt_state'])}); raise the budget or shard the state "

@@ -18,6 +18,7 @@ from jaxctx import config as config_lib
 from jaxctx.bench.machine import _device_memory_bytes, host_memory_bytes, machine_info
 from jaxctx.bench.measure import format_bytes, mib
 from jaxctx.bench.trainstep import compile_step, compile_with_report, pick_devices
+from jaxctx.errors import UsageError
 
 SCHEMA_VERSION = 1
 
@@ -41,7 +42,7 @@ def device_capacity(backend: str | None = None) -> dict[str, Any]:
 def run_plan(config: str | None, overrides=(), *, devices: int | None = None, buffers: int = 0) -> dict[str, Any]:
     """Compile `config`'s step and return its per-device memory breakdown (JSON-ready)."""
     if not isinstance(buffers, int) or buffers < 0:
-        raise ValueError(f"--buffers must be a non-negative integer, got {buffers!r}")
+        raise UsageError(f"--buffers must be a non-negative integer, got {buffers!r}")
     cfg = config_lib.load(config, list(overrides))
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, mode="jit"))
     devs = pick_devices(devices)

@@ -20,6 +20,7 @@ import pathlib
 from typing import Any, Callable
 
 from jaxctx.bench.measure import GIB, MIB, format_bytes
+from jaxctx.errors import UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +192,7 @@ def output_paths(out: str | os.PathLike) -> dict[str, pathlib.Path]:
     """FILE.json -> {"json": FILE.json, "csv": FILE.csv, "png": FILE.png}."""
     path = pathlib.Path(out)
     if path.suffix.lower() != ".json":
-        raise ValueError(f"--out must name a .json file (the CSV and PNG are written next to it), got {str(out)!r}")
+        raise UsageError(f"--out must name a .json file (the CSV and PNG are written next to it), got {str(out)!r}")
     return {"json": path, "csv": path.with_suffix(".csv"), "png": path.with_suffix(".png")}
 
 

@@ -31,6 +31,7 @@ from jaxctx.bench.measure import GIB, format_bytes, mib, profiler_trace, sig
 from jaxctx.bench.trainstep import StepProgram, compile_step, config_at, pick_devices
 from jaxctx.ops.attention import resolve_impl
 from jaxctx.parallel import mesh_shape
+from jaxctx.errors import UsageError
 
 SCHEMA_VERSION = 1
 JAXCTX = "jaxctx"  # `impl` of our rows
@@ -70,26 +71,26 @@ class TrainBenchConfig:
             positive["trace_steps"] = self.trace_steps
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"--warmup must be a non-negative integer, got {self.warmup!r}")
+            raise UsageError(f"--warmup must be a non-negative integer, got {self.warmup!r}")
         if self.tokens_per_step is not None and self.batch is not None:
-            raise ValueError("give --tokens-per-step (batch scaled with T) or --batch (fixed), not both")
+            raise UsageError("give --tokens-per-step (batch scaled with T) or --batch (fixed), not both")
         if self.block_sizes is not None:
             if not self.block_sizes:
-                raise ValueError("--block-sizes is empty; give positive integers, e.g. 256,512")
+                raise UsageError("--block-sizes is empty; give positive integers, e.g. 256,512")
             for b in self.block_sizes:
                 if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
-                    raise ValueError(f"--block-sizes: {b!r} is not a positive integer")
+                    raise UsageError(f"--block-sizes: {b!r} is not a positive integer")
         if self.remat_policies is not None:
             if not self.remat_policies:
-                raise ValueError(f"--remat-policies is empty; choose from {', '.join(config_lib.REMAT_POLICIES)}")
+                raise UsageError(f"--remat-policies is empty; choose from {', '.join(config_lib.REMAT_POLICIES)}")
             for p in self.remat_policies:
                 if p not in config_lib.REMAT_POLICIES:
-                    raise ValueError(f"--remat-policies: unknown policy {p!r}; valid: "
+                    raise UsageError(f"--remat-policies: unknown policy {p!r}; valid: "
                                      f"{', '.join(config_lib.REMAT_POLICIES)}")
         if self.max_temp_gb is not None and not self.max_temp_gb > 0:
-            raise ValueError(f"--max-temp-gb must be a positive number of GiB, got {self.max_temp_gb!r}")
+            raise UsageError(f"--max-temp-gb must be a positive number of GiB, got {self.max_temp_gb!r}")
         return dataclasses.replace(self, seq_lens=seq_lens, overrides=tuple(self.overrides))
 
 
@@ -125,11 +126,11 @@ def batch_for(cfg: TrainBenchConfig, base: config_lib.Config, seq_len: int, n_de
     else:
         tokens = cfg.tokens_per_step if cfg.tokens_per_step is not None else max(cfg.seq_lens) * unit
         if tokens % seq_len:
-            raise ValueError(f"--tokens-per-step {tokens} is not a multiple of T={seq_len}; constant tokens per "
+            raise UsageError(f"--tokens-per-step {tokens} is not a multiple of T={seq_len}; constant tokens per "
                              f"step needs every T to divide it (or give --batch)")
         batch = tokens // seq_len
     if batch % unit:
-        raise ValueError(f"batch {batch} at T={seq_len} must be divisible by data-parallel size {data * fsdp} x "
+        raise UsageError(f"batch {batch} at T={seq_len} must be divisible by data-parallel size {data * fsdp} x "
                          f"train.grad_accum {base.train.grad_accum} = {unit}; adjust --tokens-per-step or --batch")
     return batch
 
@@ -271,7 +272,7 @@ def run_train_bench(bench: TrainBenchConfig, *, progress: Callable[[str], None] 
     bench = bench.validated()
     base = load_base_config(bench.config, bench.overrides)
     if bench.compare_hf and base.model.family != "gpt2":
-        raise ValueError(f"--compare-hf compares against HF GPT2LMHeadModel and needs model.family=gpt2, got "
+        raise UsageError(f"--compare-hf compares against HF GPT2LMHeadModel and needs model.family=gpt2, got "
                          f"{base.model.family!r}")
     devices = pick_devices(bench.devices)
     sweep = variants(bench)

@@ -28,6 +28,7 @@ from jaxctx.bench.flops import matmul_param_count
 from jaxctx.bench.measure import CompiledMemory, memory_of
 from jaxctx.config import Config, ConfigError
 from jaxctx.parallel import make_mesh
+from jaxctx.errors import UsageError
 
 # Families whose learned position table must hold T rows (llama's RoPE has no table).
 LEARNED_POSITIONS = ("gpt2", "bert")
@@ -44,9 +45,9 @@ def config_at(cfg: Config, *, seq_len: int, batch: int, model: dict[str, Any] | 
     The jit path is always measured (parallel.mode=jit): pmap runs the same per-device program.
     """
     if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len <= 0:
-        raise ValueError(f"sequence length must be a positive integer, got {seq_len!r}")
+        raise UsageError(f"sequence length must be a positive integer, got {seq_len!r}")
     if not isinstance(batch, int) or isinstance(batch, bool) or batch <= 0:
-        raise ValueError(f"batch size must be a positive integer, got {batch!r}")
+        raise UsageError(f"batch size must be a positive integer, got {batch!r}")
     model_changes = dict(model or {})
     if cfg.model.family in LEARNED_POSITIONS:
         model_changes["max_positions"] = seq_len
@@ -74,7 +75,7 @@ def pick_devices(count: int | None) -> list:
     if count is None:
         return devices
     if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= len(devices):
-        raise ValueError(f"--devices must be between 1 and the {len(devices)} available devices, got {count!r}")
+        raise UsageError(f"--devices must be between 1 and the {len(devices)} available devices, got {count!r}")
     return devices[:count]
 
 

@@ -1,18 +1,20 @@
 """Error types of the Hugging Face converter.
 
-Every error names the file, tensor, key or shape that is wrong and what would be right. They subclass the builtin
-`ValueError` / `FileNotFoundError`, so `jaxctx convert` prints them as one line and exits 2 (see jaxctx/cli.py),
-and callers can catch the builtin type without importing this module.
+Every error names the file, tensor, key or shape that is wrong and what would be right. They are the conversion
+branch of jaxctx.errors (so `jaxctx convert` prints them as one line and exits 2) and subclass the builtin
+`ValueError` / `FileNotFoundError`, so callers can catch the builtin type without importing this module.
 """
 
 from __future__ import annotations
 
+from jaxctx import errors
 
-class ConvertError(ValueError):
+
+class ConvertError(errors.ConvertError):
     """A model, config or directory cannot be converted (the message says which and why)."""
 
 
-class HFFileNotFoundError(FileNotFoundError):
+class HFFileNotFoundError(errors.UserFileNotFoundError):
     """A Hugging Face directory lacks config.json, weights, or a shard its index names."""
 
 

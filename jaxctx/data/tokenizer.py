@@ -133,7 +133,14 @@ def load_tokenizer(spec: str) -> Tokenizer:
         raise TokenizerFilesError(
             f"tokenizer directory {path} holds no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); "
             f"it has: {', '.join(sorted(os.listdir(path))) or 'nothing'}")
-    return HFTokenizer(path)
+    try:
+        return HFTokenizer(path)
+    except Exception as err:  # transformers raises KeyError/ValueError/OSError/... for broken tokenizer files
+        detail = " ".join(str(err).split())[:200]
+        raise TokenizerFilesError(
+            f"tokenizer directory {path} cannot be loaded by transformers' AutoTokenizer "
+            f"({type(err).__name__}: {detail}); re-create it (e.g. `jaxctx tokenizer train --out DIR`) or set "
+            f"data.tokenizer=byte") from None
 
 
 def check_vocab(tokenizer: Tokenizer | int, model_vocab_size: int) -> None:

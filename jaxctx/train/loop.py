@@ -12,7 +12,6 @@ the data-iterator position is saved with it, continues on exactly the next batch
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import signal
@@ -23,8 +22,11 @@ import jax
 import numpy as np
 
 from jaxctx import config as config_lib
-from jaxctx.checkpoint import Checkpointer, load_params
+from jaxctx.checkpoint import Checkpointer, check_params_match, load_params, params_metadata, quarantine
+from jaxctx.errors import WriteError
 from jaxctx.parallel import make_mesh
+from jaxctx.platform import check_platform
+from jaxctx.train import workdir as workdir_lib
 from jaxctx.train.cli import add_arguments
 from jaxctx.train.runner import make_runner
 
@@ -84,19 +86,22 @@ def _log(msg: str) -> None:
 
 
 def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
-    """Train `cfg` in `workdir`; returns the process exit code (0 ok, 1 stopped on a non-finite step).
+    """Train `cfg` in `workdir`; returns the process exit code (0 ok, 1 stopped on a bad step).
 
+    Every check that can fail on the user's input (workdir, data, tokenizer, platform kernel, checkpoints,
+    `train.init_from`) runs before the first file is written, so a failed start leaves the workdir as it was.
     `devices` restricts the mesh to a subset of the devices (default: all devices of all processes).
     """
     from jaxctx.data import build_iterator
 
-    is_main = _process_info()[0] == 0
-    os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        _write_atomic(os.path.join(workdir, "config.yaml"), config_lib.to_yaml(cfg))
-
-    # Data first: tokenization may fork worker processes, which must happen before JAX starts its backend threads.
     process_index, process_count = _process_info()
+    is_main = process_index == 0
+    metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
+    ckpt_dir = os.path.join(workdir, workdir_lib.CHECKPOINTS)
+
+    # --- pre-flight: nothing in this section writes a file ------------------------------------------------
+    plan = workdir_lib.plan_start(cfg, workdir)  # refuses a workdir of another model before any work
+    # Data first: tokenization may fork worker processes, which must happen before JAX starts its backend threads.
     import datasets
     datasets.disable_progress_bars()  # one summary line below instead of a bar per preparation stage
     train_data = build_iterator(cfg, "train", process_index=process_index, process_count=process_count)
@@ -106,72 +111,110 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
     stats = train_data.stats()
     _log(f"data: {stats['source']}, {stats['documents']} documents, {stats['corpus_tokens']} tokens "
          f"({stats['tokenizer']} tokenizer), {stats['rows_per_epoch']} rows of {cfg.data.seq_len} per epoch")
+    check_platform(cfg)
     mesh = make_mesh(cfg.parallel, devices)
     runner = make_runner(cfg, mesh)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints)
+    state, start, unrestorable = _initial_state(cfg, runner, ckpt_dir, train_data)
 
-    # --- state: resume > init_from > fresh ---------------------------------------------------------------
-    start = ckpt.latest_step()
-    if start is not None:
-        state, meta = runner.restore(ckpt, start)
-        train_data.set_state(meta["data"])
-        if is_main:  # rows logged after the checkpoint (by a run that then died) will be logged again
-            _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+    # --- commit: the start is valid; record it -----------------------------------------------------------
+    if is_main:
+        for step, reason in unrestorable:
+            moved = quarantine(ckpt_dir, step)
+            _log(f"warning: checkpoint step {step} cannot be restored ({reason}); moved it to {moved} and "
+                 f"resumed from step {start}")
+        written = workdir_lib.commit_start(plan, cfg, start)
+        if written and plan.changed:
+            _log(f"continuing with changed settings ({', '.join(sorted(plan.changed))}), recorded in {written}")
+        # rows logged after the restored step (by a run that then died) will be logged again
+        workdir_lib.truncate_metrics(metrics_path, start)
+    _sync_processes("jaxctx-start")
+    ckpt = Checkpointer(ckpt_dir, keep=cfg.train.keep_checkpoints)
+    if start > 0:
         _log(f"resumed from {ckpt.directory} at step {start}")
         if start >= cfg.train.steps:
             _log(f"already at train.steps={cfg.train.steps}: nothing to train (raise train.steps to continue)")
-    else:
-        state = runner.init(cfg.train.seed)
-        if cfg.train.init_from:
-            params, _ = load_params(cfg.train.init_from, runner.abstract_params())
-            state = runner.with_params(state, params)
-            _log(f"initialised params from {cfg.train.init_from} (fresh optimizer)")
-        start = 0
+    elif cfg.train.init_from:
+        _log(f"initialised params from {cfg.train.init_from} (fresh optimizer)")
     _log(f"workdir: {os.path.abspath(workdir)}  |  mesh {dict(mesh.shape)}  |  "
          f"{runner.param_count() / 1e6:.2f}M params  |  attention={cfg.model.attention}")
 
     stop = _StopFlag()
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     progress = _progress(start, cfg.train.steps, enabled=is_main)
     pending = None  # (step, metrics on device, dispatch time): fetched one step late so dispatch never stalls
     last_time = time.perf_counter()
     status, step = 0, start
+    failed = True
     try:
         for step in range(start + 1, cfg.train.steps + 1):
             batch = runner.put_batch(next(train_data))
             state, metrics = runner.step(state, batch)
-            if pending is not None and not _report(pending, metrics_path, tokens_per_step, cfg, progress):
-                status = _non_finite(pending[0], ckpt)
-                break
+            if pending is not None:
+                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt)
+                if status:
+                    break
             pending = (step, metrics, last_time)
             last_time = time.perf_counter()
             stopping = step == cfg.train.stop_after or stop.requested()
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stopping:
-                ok = _report(pending, metrics_path, tokens_per_step, cfg, progress)
+                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt)
                 pending = None
-                if not ok:
-                    status = _non_finite(step, ckpt)
+                if status:
                     break
                 runner.save(ckpt, step, state, {"step": step, "data": train_data.get_state(),
                                                 "config": cfg.to_dict()})
                 if stopping:
                     reason = f"{stop.signal} received" if stop.signal else "train.stop_after reached"
+                    ckpt.wait()
                     _log(f"\n{reason}: checkpoint saved at step {step}; exiting (run again to resume)")
                     break
         else:
-            if pending is not None and not _report(pending, metrics_path, tokens_per_step, cfg, progress):
-                status = _non_finite(pending[0], ckpt)
+            if pending is not None:
+                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt)
+        failed = False
     finally:
         progress.close()
-        ckpt.close()
         stop.restore()
+        try:
+            ckpt.close()
+        except WriteError:
+            if not failed:  # an error already on its way out is the one to report
+                raise
 
     if status == 0 and step == cfg.train.steps:
         evaluate(cfg, runner, state, val_data)
     if is_main:
         print(f"workdir: {os.path.abspath(workdir)}")
     return status
+
+
+def _initial_state(cfg, runner, ckpt_dir: str, train_data):
+    """(state, start step, [(unrestorable step, reason)]): resume > train.init_from > fresh. Writes nothing."""
+    if os.path.isdir(ckpt_dir):
+        reader = Checkpointer(ckpt_dir, read_only=True, async_save=False)
+        try:
+            start, restored, unrestorable = reader.restore_newest(lambda s: runner.restore(reader, s))
+        finally:
+            reader.close()
+        if start is not None:
+            state, meta = restored
+            train_data.set_state(meta["data"])
+            return state, start, unrestorable
+    if cfg.train.init_from:
+        # Shapes from the checkpoint's metadata first: a wrong model is refused before anything is allocated.
+        init_step, metadata, _ = params_metadata(cfg.train.init_from)
+        check_params_match(cfg.train.init_from, metadata, runner.abstract_params(), step=init_step,
+                           what="train.init_from")
+        params, _ = load_params(cfg.train.init_from, runner.abstract_params(), step=init_step)
+        return runner.with_params(runner.init(cfg.train.seed), params), 0, []
+    return runner.init(cfg.train.seed), 0, []
+
+
+def _sync_processes(name: str) -> None:
+    """Every process waits here (process 0 may have moved checkpoints aside) before opening the checkpoints."""
+    if _process_info()[1] > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def _process_info() -> tuple[int, int]:
@@ -186,30 +229,36 @@ def _process_info() -> tuple[int, int]:
     return int(state.process_id), int(state.num_processes)
 
 
-def _non_finite(step: int, ckpt: Checkpointer) -> int:
+def _stop_on_bad_step(step: int, ckpt: Checkpointer, problem: str) -> int:
     ckpt.wait()
     last = ckpt.latest_step()
-    _log(f"\nstopping: non-finite loss or gradient at step {step}; the update was not applied and the last "
-         f"good checkpoint (step {last}) is left as it was")
+    _log(f"\nstopping: {problem} at step {step}; the update was not applied and the last good checkpoint "
+         f"(step {last}) is left as it was")
     return 1
 
 
-def _report(pending, metrics_path: str, tokens_per_step: int, cfg, progress) -> bool:
-    """Fetch one step's metrics (blocks until it finished); log them; False if the step was non-finite."""
+def _report(pending, metrics_path: str, tokens_per_step: int, cfg, progress, ckpt: Checkpointer) -> int:
+    """Fetch one step's metrics (blocks until it finished) and log them; returns the exit status so far.
+
+    A non-finite loss or gradient, or a batch with no scored token (the step skipped its update for either),
+    stops the run with status 1 and a message naming the step.
+    """
     step, metrics, started = pending
     host = jax.device_get(metrics)
     elapsed = time.perf_counter() - started
     if not bool(host["finite"]):
-        return False
+        return _stop_on_bad_step(step, ckpt, "non-finite loss or gradient")
+    if float(host["tokens"]) <= 0:
+        return _stop_on_bad_step(step, ckpt, "a batch with no scored tokens (every loss_mask entry is 0: the data "
+                                             "gave the loss nothing to average; check data.* and the corpus)")
     row = {"step": step, "loss": float(host["loss"]), "lr": float(host["lr"]),
            "grad_norm": float(host["grad_norm"]), "tokens_per_sec": tokens_per_step / elapsed,
            "step_time_s": elapsed}
     progress.update(1)
     progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}", refresh=False)
     if jax.process_index() == 0 and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-    return True
+        workdir_lib.append_metrics(metrics_path, row)
+    return 0
 
 
 def evaluate(cfg, runner, state, data) -> dict | None:
@@ -235,37 +284,20 @@ def _progress(start: int, total: int, *, enabled: bool):
                 file=sys.stderr)
 
 
-def _truncate_metrics(path: str, last_step: int) -> None:
-    """Keep only metrics rows with step <= last_step (atomically), so a resumed run's log has no duplicates."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    _write_atomic(path, "".join(rows))
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     return run_from_args(args)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_lib.load(args.config, args.overrides)
-    except config_lib.ConfigError as err:
-        print(f"train.py: config error: {err}", file=sys.stderr)
-        return 2
+    """Load the config, start the job; a user's mistake is one line on stderr and exit code 2."""
+    from jaxctx.cli import run_guarded
+
+    return run_guarded("train.py", _run_from_args, args)
+
+
+def _run_from_args(args: argparse.Namespace) -> int:
+    cfg = config_lib.load(args.config, args.overrides)
     maybe_initialize_distributed(cfg.parallel)
     workdir = args.workdir or default_workdir(args.config)
-    try:
-        return run(cfg, workdir)
-    except config_lib.ConfigError as err:
-        print(f"train.py: config error: {err}", file=sys.stderr)
-        return 2
+    return run(cfg, workdir)

@@ -1,0 +1,292 @@
+"""A corpus of user mistakes across every entry point: one line, exit 2, no traceback, nothing touched.
+
+Each case builds its inputs in a fresh directory, runs an entry point in-process (`train.py`'s `main`, or
+`jaxctx.cli.main`) and asserts: a non-zero exit (2), no traceback, exactly one `PROG: error: ...` line that names
+the offending file / key / value, and every file that existed before is byte-identical afterwards (and nothing new
+appeared). A few cases run as real subprocesses too (`test_real_processes_print_one_line`), so the console
+entry points themselves are covered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from typing import Callable
+
+import jax
+import pytest
+
+from jaxctx import cli
+from jaxctx import config as config_lib
+from jaxctx.train import loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("bad_input_cache"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir):
+    """A tiny workdir trained for 2 steps (checkpoint at step 2), copied into each case that needs one."""
+    workdir = str(tmp_path_factory.mktemp("trained") / "run")
+    cfg = config_lib.load(TINY, ["train.steps=2", "train.checkpoint_every=2", "train.log_every=1",
+                                 "data.num_proc=1", f"data.cache_dir={cache_dir}", "data.max_documents=20"])
+    assert loop.run(cfg, workdir, devices=jax.devices()[:1]) == 0
+    return workdir
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Case builders: each takes the case directory and returns nothing (it writes the inputs there)
+# ----------------------------------------------------------------------------------------------------------
+
+def write(rel: str, data: str | bytes) -> Callable:
+    def setup(d, **_):
+        path = os.path.join(d, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+    return setup
+
+
+def mkdir(rel: str) -> Callable:
+    return lambda d, **_: os.makedirs(os.path.join(d, rel), exist_ok=True)
+
+
+def copy_trained(rel: str = "run") -> Callable:
+    return lambda d, trained, **_: shutil.copytree(trained, os.path.join(d, rel))
+
+
+def garble_checkpoint(rel: str = "run", step: int = 2) -> Callable:
+    def setup(d, trained, **_):
+        copy_trained(rel)(d, trained=trained)
+        with open(os.path.join(d, rel, "checkpoints", str(step), "meta", "metadata"), "w") as f:
+            f.write('{"step": 2, "data": {')
+    return setup
+
+
+def both(*setups) -> Callable:
+    def setup(d, **kw):
+        for s in setups:
+            s(d, **kw)
+    return setup
+
+
+def hf_config(extra: dict | None = None) -> str:
+    return json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 1, "n_head": 2,
+                       "n_embd": 16, "vocab_size": 64, "n_positions": 32, **(extra or {})})
+
+
+@dataclasses.dataclass
+class Case:
+    id: str
+    argv: list  # "{d}" is the case directory, "{tiny}" the tiny config; argv[0] is "train.py" or "jaxctx"
+    expect: str  # the error line must contain this (after the same substitution)
+    setup: Callable | None = None
+
+
+def T(*args):  # a train.py command line on the tiny config, cheap data settings
+    return ["train.py", "--config", "{tiny}", "--workdir", "{d}/run", "--set", "data.num_proc=1",
+            "--set", "data.cache_dir={cache}", "--set", "data.max_documents=20", *args]
+
+
+def S(*pairs):
+    out = []
+    for p in pairs:
+        out += ["--set", p]
+    return out
+
+
+CASES = [
+    # --- train.py: the config file itself
+    Case("config-missing", ["train.py", "--config", "{d}/nope.yaml", "--workdir", "{d}/run"], "{d}/nope.yaml"),
+    Case("config-not-utf8", ["train.py", "--config", "{d}/c.yaml", "--workdir", "{d}/run"], "{d}/c.yaml",
+         write("c.yaml", b"model:\n  family: \xff\xfegpt2\n")),
+    Case("config-bad-yaml", ["train.py", "--config", "{d}/c.yaml", "--workdir", "{d}/run"], "{d}/c.yaml",
+         write("c.yaml", "model: [unclosed\n")),
+    Case("config-is-dir", ["train.py", "--config", "{d}/cfgdir", "--workdir", "{d}/run"], "{d}/cfgdir",
+         mkdir("cfgdir")),
+    Case("config-not-mapping", ["train.py", "--config", "{d}/c.yaml", "--workdir", "{d}/run"], "mapping",
+         write("c.yaml", "- 1\n- 2\n")),
+    Case("config-unknown-section", ["train.py", "--config", "{d}/c.yaml", "--workdir", "{d}/run"], "modle",
+         write("c.yaml", "modle:\n  d_model: 8\n")),
+    # --- train.py: overrides and validation
+    Case("set-unknown-key", T(*S("model.d_modl=3")), "model.d_modl"),
+    Case("set-no-equals", T(*S("train.steps")), "train.steps"),
+    Case("set-bad-key-shape", T(*S("steps=3")), "steps"),
+    Case("set-negative-steps", T(*S("train.steps=-1")), "train.steps"),
+    Case("set-wrong-type", T(*S("train.batch_size=eight")), "train.batch_size"),
+    Case("set-heads-not-dividing", T(*S("model.num_heads=3")), "model.num_heads"),
+    Case("set-seq-len-1", T(*S("data.seq_len=1")), "data.seq_len"),
+    Case("set-block-too-long", T(*S("model.attention_block_q=4096")), "model.attention_block_q"),
+    Case("set-bad-format", T(*S("data.format=csv")), "data.format"),
+    Case("set-bad-family", T(*S("model.family=gpt5")), "model.family"),
+    Case("set-bad-rope-type", T(*S("model.family=llama", "model.rope_scaling={rope_type: yarn}")),
+         "rope_type"),
+    Case("set-llama3-rope-no-factor", T(*S("model.family=llama", "model.rope_scaling={rope_type: llama3}")),
+         "rope_scaling"),
+    Case("set-pmap-fsdp", T(*S("parallel.mode=pmap", "parallel.fsdp=2")), "parallel.fsdp"),
+    Case("set-mesh-too-big", T(*S("parallel.fsdp=3")), "parallel"),
+    Case("set-batch-not-divisible", T(*S("train.batch_size=6", "train.grad_accum=4")), "train.grad_accum"),
+    # --- train.py: the platform
+    Case("cudnn-on-cpu", T(*S("model.attention=cudnn")), "model.attention=cudnn"),
+    Case("splash-on-cpu", T(*S("model.attention=splash")), "model.attention=splash"),
+    # --- train.py: data and tokenizer
+    Case("data-missing-file", T(*S("data.source={d}/corpus.txt")), "{d}/corpus.txt"),
+    Case("data-glob-matches-nothing", T(*S("data.source={d}/*.jsonl")), "{d}/*.jsonl"),
+    Case("data-empty-dir", T(*S("data.source={d}/corpus")), "{d}/corpus", mkdir("corpus")),
+    Case("data-whitespace-only", T(*S("data.source={d}/c.txt")), "c.txt", write("c.txt", "  \n\n \t\n")),
+    Case("data-broken-jsonl", T(*S("data.source={d}/c.jsonl")), "c.jsonl",
+         write("c.jsonl", '{"text": "fine"}\n{"text": "broken\n')),
+    Case("data-missing-column", T(*S("data.source={d}/c.jsonl")), "text",
+         write("c.jsonl", "".join(json.dumps({"body": f"doc {i} " * 50}) + "\n" for i in range(30)))),
+    Case("data-hub-offline", T(*S("data.source=hub:nobody/no-such-dataset")), "nobody/no-such-dataset"),
+    Case("tokenizer-missing-dir", T(*S("data.tokenizer={d}/tok")), "{d}/tok"),
+    Case("tokenizer-empty-dir", T(*S("data.tokenizer={d}/tok")), "{d}/tok", mkdir("tok")),
+    Case("tokenizer-invalid-json", T(*S("data.tokenizer={d}/tok")), "{d}/tok",
+         write("tok/tokenizer.json", '{"version": "1.0"}')),
+    Case("vocab-smaller-than-tokenizer", T(*S("model.vocab_size=100")), "model.vocab_size"),
+    # --- train.py: workdir, resume and init_from
+    Case("workdir-is-file", ["train.py", "--config", "{tiny}", "--workdir", "{d}/wd"], "{d}/wd",
+         write("wd", "not a directory\n")),
+    Case("resume-other-width", T(*S("model.d_model=128")), "model.d_model: 64", copy_trained()),
+    Case("resume-other-family", T(*S("model.family=llama")), "model.family", copy_trained()),
+    Case("resume-other-seq-len", T(*S("data.seq_len=64")), "data.seq_len", copy_trained()),
+    Case("resume-other-optimizer", T(*S("train.optimizer=lion")), "train.optimizer", copy_trained()),
+    Case("resume-other-corpus", T(*S("data.source={d}/c.txt")), "data.source",
+         both(copy_trained(), write("c.txt", "hello world\n" * 200))),
+    Case("workdir-config-garbled", T(), "config.yaml",
+         both(copy_trained(), write("run/config.yaml", "model: {{{\n"))),
+    Case("workdir-only-metrics", T(), "metrics.jsonl", write("run/metrics.jsonl", '{"step": 1}\n')),
+    Case("every-checkpoint-corrupt", T(), "step 2", garble_checkpoint()),
+    Case("init-from-missing", ["train.py", "--config", "{tiny}", "--workdir", "{d}/new", "--set",
+                               "train.init_from={d}/nothing"], "{d}/nothing"),
+    Case("init-from-no-checkpoint", ["train.py", "--config", "{tiny}", "--workdir", "{d}/new", "--set",
+                                     "train.init_from={d}/empty"], "{d}/empty", mkdir("empty/checkpoints")),
+    Case("init-from-other-shapes", ["train.py", "--config", "{tiny}", "--workdir", "{d}/new",
+                                    *S("train.init_from={d}/run", "model.d_model=128", "data.num_proc=1",
+                                       "data.cache_dir={cache}", "data.max_documents=20")],
+         "train.init_from={d}/run", copy_trained()),
+    Case("init-from-corrupt", ["train.py", "--config", "{tiny}", "--workdir", "{d}/new",
+                               *S("train.init_from={d}/run", "data.num_proc=1", "data.cache_dir={cache}",
+                                  "data.max_documents=20")],
+         "step 2", garble_checkpoint()),
+    # --- jaxctx convert
+    Case("from-hf-missing-dir", ["jaxctx", "convert", "from-hf", "{d}/hf", "{d}/out"], "{d}/hf"),
+    Case("from-hf-no-config", ["jaxctx", "convert", "from-hf", "{d}/hf", "{d}/out"], "config.json",
+         write("hf/model.safetensors", b"\0" * 16)),
+    Case("from-hf-bad-json", ["jaxctx", "convert", "from-hf", "{d}/hf", "{d}/out"], "config.json",
+         write("hf/config.json", "{not json")),
+    Case("from-hf-unsupported", ["jaxctx", "convert", "from-hf", "{d}/hf", "{d}/out"], "t5",
+         write("hf/config.json", json.dumps({"model_type": "t5"}))),
+    Case("from-hf-pickle-only", ["jaxctx", "convert", "from-hf", "{d}/hf", "{d}/out"], "pytorch_model.bin",
+         both(write("hf/config.json", hf_config()), write("hf/pytorch_model.bin", b"PK\x03\x04"))),
+    Case("from-hf-truncated-weights", ["jaxctx", "convert", "from-hf", "{d}/hf", "{d}/out"], "model.safetensors",
+         both(write("hf/config.json", hf_config()), write("hf/model.safetensors", b"\x10\0\0\0\0\0\0\0{\"a"))),
+    Case("to-hf-missing", ["jaxctx", "convert", "to-hf", "{d}/ckpt", "{d}/out"], "{d}/ckpt"),
+    Case("to-hf-out-not-empty", ["jaxctx", "convert", "to-hf", "{d}/run", "{d}/out"], "{d}/out",
+         both(copy_trained(), write("out/mine.txt", "keep me\n"))),
+    Case("to-hf-corrupt", ["jaxctx", "convert", "to-hf", "{d}/run", "{d}/out"], "step 2", garble_checkpoint()),
+    Case("to-hf-no-such-step", ["jaxctx", "convert", "to-hf", "{d}/run", "{d}/out", "--step", "999"], "999",
+         copy_trained()),
+    Case("to-hf-bad-shard-size", ["jaxctx", "convert", "to-hf", "{d}/run", "{d}/out", "--shard-size", "huge"],
+         "huge", copy_trained()),
+    # --- jaxctx bench / plan / data / tokenizer
+    Case("bench-attention-bad-len", ["jaxctx", "bench", "attention", "--seq-lens", "128,abc"], "abc"),
+    Case("bench-attention-cudnn-cpu", ["jaxctx", "bench", "attention", "--seq-lens", "128", "--impls", "cudnn",
+                                       "--dtype", "bfloat16"], "cudnn"),
+    Case("bench-attention-bad-out", ["jaxctx", "bench", "attention", "--seq-lens", "128", "--out", "{d}/r.txt"],
+         "r.txt"),
+    Case("bench-max-context-zero-budget", ["jaxctx", "bench", "max-context", "--config", "{tiny}",
+                                           "--budget-gb", "0"], "--budget-gb"),
+    Case("bench-train-missing-config", ["jaxctx", "bench", "train", "--config", "{d}/x.yaml", "--seq-lens",
+                                        "64"], "{d}/x.yaml"),
+    Case("plan-missing-config", ["jaxctx", "plan", "--config", "{d}/x.yaml"], "{d}/x.yaml"),
+    Case("plan-unknown-key", ["jaxctx", "plan", "--config", "{tiny}", "--set", "model.layers=3"], "model.layers"),
+    Case("data-inspect-missing-source", ["jaxctx", "data", "inspect", "--config", "{tiny}", "--set",
+                                         "data.source={d}/none.txt"], "{d}/none.txt"),
+    Case("tokenizer-train-missing-data", ["jaxctx", "tokenizer", "train", "--data", "{d}/none.txt",
+                                          "--vocab-size", "300", "--out", "{d}/tok"], "{d}/none.txt"),
+    Case("tokenizer-train-tiny-vocab", ["jaxctx", "tokenizer", "train", "--data", "{d}/c.txt", "--vocab-size",
+                                        "10", "--out", "{d}/tok"], "--vocab-size",
+         write("c.txt", "some text\n" * 50)),
+    Case("tokenizer-train-out-not-empty", ["jaxctx", "tokenizer", "train", "--data", "{d}/c.txt",
+                                           "--vocab-size", "300", "--out", "{d}/tok"], "{d}/tok",
+         both(write("c.txt", "some text\n" * 50), write("tok/mine.txt", "keep\n"))),
+]
+
+
+def snapshot(root: str) -> dict:
+    """Every file under root -> sha256 of its bytes (directories as entries too, so new ones are seen)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, name), root) + "/"] = "dir"
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def run_case(argv: list, capsys) -> tuple[int, str]:
+    if argv[0] == "train.py":
+        code = loop.main(argv[1:])
+    else:
+        code = cli.main(argv[1:])
+    return code, capsys.readouterr().err
+
+
+def assert_one_error_line(err: str, prog: str, expect: str) -> None:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{prog}: error: "), lines[0]
+    assert expect in lines[0], (expect, lines[0])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, tmp_path, capsys, trained, cache_dir):
+    d = str(tmp_path)
+    if case.setup is not None:
+        case.setup(d, trained=trained)
+    subst = lambda s: s.replace("{d}", d).replace("{tiny}", TINY).replace("{cache}", cache_dir)  # noqa: E731
+    argv = [subst(a) for a in case.argv]
+    before = snapshot(d)
+    capsys.readouterr()
+    code, err = run_case(argv, capsys)
+    assert code == 2, err
+    prog = "train.py" if argv[0] == "train.py" else f"jaxctx {argv[1]}"
+    assert_one_error_line(err, prog, subst(case.expect))
+    assert snapshot(d) == before, "a failed command changed or created files"
+
+
+def test_corpus_is_large_and_covers_every_command():
+    commands = {c.argv[0] if c.argv[0] == "train.py" else c.argv[1] for c in CASES}
+    assert commands == {"train.py", "convert", "bench", "plan", "data", "tokenizer"}
+    assert len(CASES) >= 40
+
+
+@pytest.mark.slow
+def test_real_processes_print_one_line(tmp_path):
+    """The console entry points (not only their main functions): one line on stderr, exit 2, no traceback."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    bad = tmp_path / "c.yaml"
+    bad.write_bytes(b"model:\n  family: \xff\n")
+    runs = [([sys.executable, os.path.join(ROOT, "train.py"), "--config", str(bad), "--workdir",
+              str(tmp_path / "run")], "train.py", str(bad)),
+            ([sys.executable, "-m", "jaxctx.cli", "convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "o")],
+             "jaxctx convert", str(tmp_path / "hf"))]
+    for cmd, prog, expect in runs:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 2, proc.stderr
+        assert_one_error_line(proc.stderr, prog, expect)
+    assert sorted(os.listdir(tmp_path)) == ["c.yaml"]
