@@ -10,18 +10,23 @@ Algorithm 2): the outer loop walks key blocks and accumulates dK, dV in register
 into one [B, T, H, D] buffer. Nothing T x T is ever stored, so memory is O(T * block) in forward and backward.
 (Plain autodiff through a blockwise forward would store every block's probabilities: O(T^2) again.)
 
-Causal masking skips key blocks that lie entirely after a query block instead of computing and masking them,
-so causal attention costs about half of full attention. Blocks that straddle the diagonal are masked; blocks
-entirely before it run without any mask work unless segment ids are given.
+The block-level functions (`chunk_forward`, `chunk_backward`) take explicit query and key positions and segment
+ids, so the same code serves one device (positions 0..T-1) and one step of ring attention (`ops/ring.py`: local
+queries against a visiting key/value chunk whose tokens come from anywhere in the sequence). Every (query block,
+key block) pair is classified from the min/max of its positions and segment ids (`block_kind`): skipped when
+nothing in it is visible, run without a mask when everything is, masked otherwise. So causal attention costs
+about half of full attention, and packed documents skip the blocks between documents.
 
 Numerics: scores, running statistics and accumulators are float32 whatever the input dtype. Masked scores are
 -inf; a row whose visible keys are all masked so far keeps m = -inf and contributes zeros (never NaN), and a row
-with no visible key at all returns 0 and has lse = +inf so its backward probabilities are exactly 0.
+with no visible key at all returns 0 and has lse = -inf (the backward treats it as +inf, so its probabilities
+are exactly 0).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +36,13 @@ from jaxctx.ops.buffers import zeros_like_in_loop
 
 DEFAULT_BLOCK = 512  # large blocks amortise loop overhead; a [B, H, 512, 512] f32 tile is 1 MiB per head
 # Sentinel segment ids for padded rows: padded keys match nothing, padded queries (discarded) match nothing.
-_PAD_KEY_SEGMENT = jnp.iinfo(jnp.int32).min
-_PAD_QUERY_SEGMENT = jnp.iinfo(jnp.int32).min + 1
+PAD_KEY_SEGMENT = jnp.iinfo(jnp.int32).min
+PAD_QUERY_SEGMENT = jnp.iinfo(jnp.int32).min + 1
+# block_kind values
+SKIP, FULL, MASKED = 0, 1, 2
 
 
-def _round_up(x: int, m: int) -> int:
+def round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
@@ -44,7 +51,7 @@ def pick_block(requested: int | None, t: int) -> int:
     if requested is not None and (not isinstance(requested, int) or requested <= 0):
         raise ValueError(f"attention block size must be a positive integer, got {requested!r}")
     block = DEFAULT_BLOCK if requested is None else requested
-    return min(block, _round_up(t, 8))
+    return min(block, round_up(t, 8))
 
 
 def blockwise_attention(q, k, v, *, causal: bool = False, segment_ids=None, block_q: int | None = None,
@@ -57,14 +64,14 @@ def blockwise_attention(q, k, v, *, causal: bool = False, segment_ids=None, bloc
     b, t, h, d = q.shape
     hkv = k.shape[2]
     bq, bk = pick_block(block_q, t), pick_block(block_k, t)
-    tq, tk = _round_up(t, bq), _round_up(t, bk)
+    tq, tk = round_up(t, bq), round_up(t, bk)
     if segment_ids is None and tk != t and not causal:
         # Padded keys must be hidden; under causal masking they already are (they sit after every real query).
         segment_ids = jnp.zeros((b, t), jnp.int32)
     if segment_ids is not None:
         segment_ids = segment_ids.astype(jnp.int32)
-        q_seg = jnp.pad(segment_ids, ((0, 0), (0, tq - t)), constant_values=_PAD_QUERY_SEGMENT)
-        k_seg = jnp.pad(segment_ids, ((0, 0), (0, tk - t)), constant_values=_PAD_KEY_SEGMENT)
+        q_seg = jnp.pad(segment_ids, ((0, 0), (0, tq - t)), constant_values=PAD_QUERY_SEGMENT)
+        k_seg = jnp.pad(segment_ids, ((0, 0), (0, tk - t)), constant_values=PAD_KEY_SEGMENT)
     else:
         q_seg = k_seg = None
     # GQA without repeating k/v: query heads are viewed as [Hkv, G] so each k/v head serves G query heads.
@@ -72,109 +79,145 @@ def blockwise_attention(q, k, v, *, causal: bool = False, segment_ids=None, bloc
     qg = jnp.pad(qg, ((0, 0), (0, tq - t), (0, 0), (0, 0), (0, 0)))
     kp = jnp.pad(k, ((0, 0), (0, tk - t), (0, 0), (0, 0)))
     vp = jnp.pad(v, ((0, 0), (0, tk - t), (0, 0), (0, 0)))
-    out = _attention(qg, kp, vp, q_seg, k_seg, causal, bq, bk)  # [B, Tq, Hkv, G, D]
+    # One device holds the whole sequence in order: positions are 0..T-1 (padding continues past T, which
+    # keeps padded keys after every real query under causal masking).
+    q_pos = lax.iota(jnp.int32, tq)[None]  # [1, Tq]
+    k_pos = lax.iota(jnp.int32, tk)[None]  # [1, Tk]
+    out = _attention(qg, kp, vp, q_pos, k_pos, q_seg, k_seg, causal, bq, bk)  # [B, Tq, Hkv, G, D]
     return out[:, :t].reshape(b, t, h, d)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Block helpers shared by forward and backward
+# Block classification from positions and segment ids
 # ----------------------------------------------------------------------------------------------------------
 
-def _block_mask(i, j, bq, bk, q_seg, k_seg, causal):
-    """[B or 1, 1, 1, bq, bk] visibility of key block j from query block i (None if everything is visible)."""
-    mask = None
+class BlockRanges(NamedTuple):
+    """Per-block min/max of positions ([P, n] each, P = 1 or B) and segment ids ([B, n] each, or None)."""
+    q_pos_lo: jax.Array
+    q_pos_hi: jax.Array
+    k_pos_lo: jax.Array
+    k_pos_hi: jax.Array
+    q_seg_lo: jax.Array | None
+    q_seg_hi: jax.Array | None
+    k_seg_lo: jax.Array | None
+    k_seg_hi: jax.Array | None
+
+
+def block_ranges(q_pos, k_pos, q_seg, k_seg, bq: int, bk: int) -> BlockRanges:
+    """Min/max position and segment id of every query block (size bq) and key block (size bk)."""
+    def lo_hi(x, blk):
+        x = x.reshape(x.shape[0], -1, blk)
+        return x.min(-1), x.max(-1)
+
+    segs = (None,) * 4 if q_seg is None else (*lo_hi(q_seg, bq), *lo_hi(k_seg, bk))
+    return BlockRanges(*lo_hi(q_pos, bq), *lo_hi(k_pos, bk), *segs)
+
+
+def block_kind(r: BlockRanges, i, j, causal: bool):
+    """SKIP, FULL or MASKED for query block(s) i and key block(s) j (scalars, or broadcastable index arrays).
+
+    The range tests are exact for skipping when every block holds consecutive positions: a causal pair is
+    skipped iff its first key comes after its last query; disjoint segment id ranges cannot hold equal ids;
+    equal one-value ranges are equal. A pair must be skippable (or fully visible) in every batch row.
+    """
+    def at(x, idx):
+        return jnp.take(x, idx, axis=1)  # [P or B, *idx.shape]
+
+    skip = jnp.zeros((), bool)
+    full = jnp.ones((), bool)
     if causal:
-        q_pos = i * bq + lax.iota(jnp.int32, bq)
-        k_pos = j * bk + lax.iota(jnp.int32, bk)
-        mask = (q_pos[:, None] >= k_pos[None, :])[None, None, None]  # [1, 1, 1, bq, bk]
-    if q_seg is not None:
-        qs = lax.dynamic_slice_in_dim(q_seg, i * bq, bq, axis=1)  # [B, bq]
-        ks = lax.dynamic_slice_in_dim(k_seg, j * bk, bk, axis=1)  # [B, bk]
-        same = (qs[:, :, None] == ks[:, None, :])[:, None, None]  # [B, 1, 1, bq, bk]
-        mask = same if mask is None else mask & same
-    return mask
+        skip = at(r.k_pos_lo, j) > at(r.q_pos_hi, i)
+        full = at(r.k_pos_hi, j) <= at(r.q_pos_lo, i)
+    if r.q_seg_lo is not None:
+        q_lo, q_hi, k_lo, k_hi = at(r.q_seg_lo, i), at(r.q_seg_hi, i), at(r.k_seg_lo, j), at(r.k_seg_hi, j)
+        skip = skip | (q_hi < k_lo) | (k_hi < q_lo)
+        full = full & (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
+    if jnp.ndim(skip):
+        skip = jnp.all(skip, axis=0)
+    if jnp.ndim(full):
+        full = jnp.all(full, axis=0)
+    return jnp.where(skip, SKIP, jnp.where(full, FULL, MASKED))
 
 
-def _masked_scores(q_blk, k_blk, i, j, bq, bk, q_seg, k_seg, causal):
-    """Scores of query block i against key block j, -inf where not visible.
+def _run_block(update, state, i, j, ranges, causal):
+    """Apply `update(state, masked)` to block (i, j) unless nothing in it is visible; mask only when needed.
 
-    [B, bq, Hkv, G, D] x [B, bk, Hkv, D] -> [B, Hkv, G, bq, bk] float32 (q already scaled). `causal` is True only
-    for blocks straddling the diagonal; blocks wholly before it need no mask unless segment ids are given.
+    Packed documents and causal masking make most blocks trivial: only blocks that straddle the diagonal or a
+    document boundary pay for the mask.
     """
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", q_blk, k_blk, preferred_element_type=jnp.float32)
-    mask = _block_mask(i, j, bq, bk, q_seg, k_seg, causal)
-    return s if mask is None else jnp.where(mask, s, -jnp.inf)
-
-
-def _segment_ranges(q_seg, k_seg, bq, bk):
-    """Per-block (min, max) segment ids: [B, nq] x2 for queries, [B, nk] x2 for keys; None without segments."""
-    if q_seg is None:
-        return None
-    b = q_seg.shape[0]
-    qs, ks = q_seg.reshape(b, -1, bq), k_seg.reshape(b, -1, bk)
-    return qs.min(-1), qs.max(-1), ks.min(-1), ks.max(-1)
-
-
-def _run_block(update, state, i, j, ranges):
-    """Apply `update(state, segment_mask)` for block (i, j), using the segment ids to do less work.
-
-    Packed documents make most blocks trivial: if no query of block i can share a segment with a key of block j
-    (their id ranges are disjoint in every row) the block is skipped; if both blocks lie inside one segment in
-    every row, no segment mask is built. Only blocks that straddle a document boundary pay for the mask. The
-    range tests are exact for any ids: disjoint ranges cannot hold equal ids, equal one-value ranges are equal.
-    """
-    if ranges is None:
-        return update(state, False)
-    q_lo, q_hi, k_lo, k_hi = (r[:, idx] for r, idx in zip(ranges, (i, i, j, j)))  # [B] each
-    disjoint = jnp.all((q_hi < k_lo) | (k_hi < q_lo))
-    uniform = jnp.all((q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo))
-    kind = jnp.where(disjoint, 0, jnp.where(uniform, 1, 2))
+    if not causal and ranges.q_seg_lo is None:
+        return update(state, False)  # everything is visible: no classification at all
+    kind = block_kind(ranges, i, j, causal)
     return lax.switch(kind, [lambda st: st, lambda st: update(st, False), lambda st: update(st, True)], state)
 
 
-def _causal_ranges(i_or_j, bq, bk, n_other, *, over_keys: bool):
-    """Loop bounds under causal masking.
+def _masked_scores(q_blk, k_blk, qp, kp, qs, ks, masked):
+    """Scores of a query block against a key block, -inf where not visible.
 
-    over_keys=True (forward; i = query block): key blocks [0, n_full) are entirely at or before every query of
-    block i (no mask needed), [n_full, n_vis) straddle the diagonal (masked); later blocks are skipped.
-    over_keys=False (backward; j = key block): query blocks [lo, lo_full) straddle (masked), [lo_full, n_other)
-    see all of key block j; earlier query blocks are skipped.
+    [B, bq, Hkv, G, D] x [B, bk, Hkv, D] -> [B, Hkv, G, bq, bk] float32 (q already scaled). qp/kp: [P, bq] /
+    [P, bk] positions (None = not causal); qs/ks: [B, bq] / [B, bk] segment ids (None = no segments).
+    """
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", q_blk, k_blk, preferred_element_type=jnp.float32)
+    if not masked:
+        return s
+    mask = None
+    if qp is not None:
+        mask = (qp[:, :, None] >= kp[:, None, :])[:, None, None]  # [P, 1, 1, bq, bk]
+    if qs is not None:
+        same = (qs[:, :, None] == ks[:, None, :])[:, None, None]  # [B, 1, 1, bq, bk]
+        mask = same if mask is None else mask & same
+    return s if mask is None else jnp.where(mask, s, -jnp.inf)
+
+
+def _slice(x, start, size, axis=1):
+    return None if x is None else lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+def _visible_range(ranges, idx, n_other, *, over_keys: bool):
+    """Loop bounds when positions are sorted (nondecreasing along T): only a prefix/suffix can be visible.
+
+    over_keys=True (forward; idx = query block): key blocks [0, hi) can reach back to query block idx.
+    over_keys=False (backward; idx = key block): query blocks [lo, n_other) reach key block idx.
     """
     if over_keys:
-        i = i_or_j
-        n_full = jnp.minimum((i * bq + 1) // bk, n_other)  # last key of block j <= first query of block i
-        n_vis = jnp.minimum(((i + 1) * bq - 1) // bk + 1, n_other)  # first key of block j <= last query
-        return n_full, n_vis
-    j = i_or_j
-    lo = (j * bk) // bq  # first query block whose last query reaches key block j
-    lo_full = jnp.minimum(-(-((j + 1) * bk - 1) // bq), n_other)  # first query block past the diagonal
-    return lo, lo_full
+        q_hi = jnp.max(ranges.q_pos_hi[:, idx])
+        return 0, jnp.sum(jnp.min(ranges.k_pos_lo, axis=0) <= q_hi)
+    k_lo = jnp.min(ranges.k_pos_lo[:, idx])
+    return n_other - jnp.sum(jnp.max(ranges.q_pos_hi, axis=0) >= k_lo), n_other
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Forward
+# Forward of one (query chunk, key chunk) pair
 # ----------------------------------------------------------------------------------------------------------
 
-def _forward(q, k, v, q_seg, k_seg, causal, bq, bk):
-    """q [B, Tq, Hkv, G, D], k/v [B, Tk, Hkv, D] -> out [B, Tq, Hkv, G, D] (q dtype), lse [B, Hkv, G, Tq] f32."""
+def chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, bq: int, bk: int,
+                  sorted_positions: bool = False, out_dtype=None):
+    """Attention of a query chunk against a key chunk, with explicit positions and segment ids.
+
+    q [B, Tq, Hkv, G, D]; k, v [B, Tk, Hkv, D]; q_pos [P, Tq], k_pos [P, Tk] int32 (P = 1 or B); q_seg [B, Tq],
+    k_seg [B, Tk] int32 or both None. Tq % bq == Tk % bk == 0. sorted_positions: positions are nondecreasing
+    along T, so causal loops can stop early instead of classifying every block.
+    Returns out [B, Tq, Hkv, G, D] (out_dtype, default q's), normalised over this chunk's keys, and
+    lse [B, Hkv, G, Tq] float32, -inf for rows that see no key of this chunk (their out is 0).
+    """
     b, tq, hkv, g, d = q.shape
     nq, nk = tq // bq, k.shape[1] // bk
     scale = 1.0 / (d ** 0.5)
-    ranges = _segment_ranges(q_seg, k_seg, bq, bk)
+    ranges = block_ranges(q_pos, k_pos, q_seg, k_seg, bq, bk)
 
     def query_block(i, carry):
         out_buf, lse_buf = carry
-        q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1) * jnp.asarray(scale, q.dtype)
+        q_blk = _slice(q, i * bq, bq) * jnp.asarray(scale, q.dtype)
+        qp, qs = _slice(q_pos, i * bq, bq), _slice(q_seg, i * bq, bq)
 
-        def key_block(j, state, masked):
-            return _run_block(lambda st, segs: update(j, st, masked, segs), state, i, j, ranges)
+        def key_block(j, state):
+            return _run_block(lambda st, masked: update(j, st, masked), state, i, j, ranges, causal)
 
-        def update(j, state, masked, segs):
+        def update(j, state, masked):
             m, l, acc = state  # [B, Hkv, G, bq], [B, Hkv, G, bq], [B, Hkv, G, bq, D]
-            k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
-            v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
-            s = _masked_scores(q_blk, k_blk, i, j, bq, bk, q_seg if segs else None, k_seg,
-                               causal and masked)  # [B, Hkv, G, bq, bk]
+            k_blk, v_blk = _slice(k, j * bk, bk), _slice(v, j * bk, bk)
+            s = _masked_scores(q_blk, k_blk, qp if causal else None, _slice(k_pos, j * bk, bk),
+                               qs, _slice(k_seg, j * bk, bk), masked)  # [B, Hkv, G, bq, bk]
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet: exp(-inf) = 0
             p = jnp.exp(s - m_safe[..., None])
@@ -186,63 +229,71 @@ def _forward(q, k, v, q_seg, k_seg, causal, bq, bk):
 
         init = (jnp.full((b, hkv, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, hkv, g, bq), jnp.float32),
                 jnp.zeros((b, hkv, g, bq, d), jnp.float32))
-        if causal:
-            n_full, n_vis = _causal_ranges(i, bq, bk, nk, over_keys=True)
-            state = lax.fori_loop(0, n_full, functools.partial(key_block, masked=False), init)
-            state = lax.fori_loop(n_full, n_vis, functools.partial(key_block, masked=True), state)
-        else:
-            state = lax.fori_loop(0, nk, functools.partial(key_block, masked=False), init)
-        m, l, acc = state
+        lo, hi = _visible_range(ranges, i, nk, over_keys=True) if causal and sorted_positions else (0, nk)
+        m, l, acc = lax.fori_loop(lo, hi, key_block, init)
         empty = l == 0.0
         out_blk = acc / jnp.where(empty, 1.0, l)[..., None]  # [B, Hkv, G, bq, D]
-        lse_blk = jnp.where(empty, jnp.inf, jnp.where(m == -jnp.inf, 0.0, m) + jnp.log(jnp.where(empty, 1.0, l)))
-        out_blk = jnp.transpose(out_blk, (0, 3, 1, 2, 4)).astype(q.dtype)  # [B, bq, Hkv, G, D]
+        lse_blk = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+        out_blk = jnp.transpose(out_blk, (0, 3, 1, 2, 4)).astype(out_buf.dtype)  # [B, bq, Hkv, G, D]
         out_buf = lax.dynamic_update_slice_in_dim(out_buf, out_blk, i * bq, axis=1)
         lse_buf = lax.dynamic_update_slice_in_dim(lse_buf, lse_blk, i * bq, axis=3)
         return out_buf, lse_buf
 
-    out = zeros_like_in_loop(q)
+    out = zeros_like_in_loop(q, dtype=out_dtype or q.dtype)
     lse = zeros_like_in_loop(q, (b, hkv, g, tq), jnp.float32)
     return lax.fori_loop(0, nq, query_block, (out, lse))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Backward (FlashAttention-2 style: recompute scores block by block from lse)
+# Backward of one (query chunk, key chunk) pair (FlashAttention-2 style: recompute scores from lse)
 # ----------------------------------------------------------------------------------------------------------
 
-def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, causal, bq, bk):
+def softmax_delta(out, d_out):
+    """delta_i = rowsum(dO_i * O_i), the softmax-Jacobian term: [B, Tq, Hkv, G, D] x2 -> [B, Hkv, G, Tq] f32.
+
+    Computed once from the final output (not per chunk): the backward of every chunk uses the same delta."""
+    return jnp.einsum("bqhgd,bqhgd->bhgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+
+
+def chunk_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, delta, d_out, *, causal: bool, bq: int, bk: int,
+                   sorted_positions: bool = False):
+    """Gradients of one chunk pair given the final lse [B, Hkv, G, Tq] and delta [B, Hkv, G, Tq].
+
+    Shapes as `chunk_forward`; d_out [B, Tq, Hkv, G, D]. lse is the log-sum-exp over *all* keys the queries see
+    (in ring attention: over every chunk), -inf for rows that see nothing. Returns dq [B, Tq, Hkv, G, D],
+    dk, dv [B, Tk, Hkv, D], all float32 so callers can accumulate contributions of several chunks exactly.
+    """
     b, tq, hkv, g, d = q.shape
     tk = k.shape[1]
     nq, nk = tq // bq, tk // bk
     scale = 1.0 / (d ** 0.5)
-    ranges = _segment_ranges(q_seg, k_seg, bq, bk)
-    # delta_i = rowsum(dO_i * O_i): the softmax-Jacobian term, [B, Hkv, G, Tq]
-    delta = jnp.einsum("bqhgd,bqhgd->bhgq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    ranges = block_ranges(q_pos, k_pos, q_seg, k_seg, bq, bk)
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # rows that see nothing: exp(s - inf) = 0, never NaN
 
     def key_block(j, carry):
         dq_buf, dk_buf, dv_buf = carry
-        k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)  # [B, bk, Hkv, D]
-        v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
+        k_blk, v_blk = _slice(k, j * bk, bk), _slice(v, j * bk, bk)  # [B, bk, Hkv, D]
+        kp, ks = _slice(k_pos, j * bk, bk), _slice(k_seg, j * bk, bk)
 
-        def query_block(i, state, masked):
+        def query_block(i, state):
             dq_acc, dk_acc, dv_acc = state  # dq_acc [B, Tq, Hkv, G, D]; dk/dv_acc [B, Hkv, bk, D]
             # Only block-sized values go through _run_block's lax.switch: with the full-length dq buffer in the
             # switch's operands XLA copies it (one more [B, T, H, D] array whenever segment ids are given).
             dq_zero = jnp.zeros((b, bq) + q.shape[2:], jnp.float32)
-            dq_blk, dk_acc, dv_acc = _run_block(lambda st, segs: update(i, st, masked, segs),
-                                                (dq_zero, dk_acc, dv_acc), i, j, ranges)
+            dq_blk, dk_acc, dv_acc = _run_block(lambda st, masked: update(i, st, masked),
+                                                (dq_zero, dk_acc, dv_acc), i, j, ranges, causal)
             dq_acc = lax.dynamic_update_slice_in_dim(
                 dq_acc, lax.dynamic_slice_in_dim(dq_acc, i * bq, bq, axis=1) + dq_blk, i * bq, axis=1)
             return dq_acc, dk_acc, dv_acc
 
-        def update(i, state, masked, segs):
+        def update(i, state, masked):
             _, dk_acc, dv_acc = state  # the block's dQ [B, bq, Hkv, G, D] starts at zero
-            q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1) * jnp.asarray(scale, q.dtype)
-            do_blk = lax.dynamic_slice_in_dim(d_out, i * bq, bq, axis=1)  # [B, bq, Hkv, G, D]
-            lse_blk = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)  # [B, Hkv, G, bq]
-            delta_blk = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
-            s = _masked_scores(q_blk, k_blk, i, j, bq, bk, q_seg if segs else None, k_seg,
-                               causal and masked)  # [B, Hkv, G, bq, bk]
+            q_blk = _slice(q, i * bq, bq) * jnp.asarray(scale, q.dtype)
+            do_blk = _slice(d_out, i * bq, bq)  # [B, bq, Hkv, G, D]
+            lse_blk = _slice(lse, i * bq, bq, axis=3)  # [B, Hkv, G, bq]
+            delta_blk = _slice(delta, i * bq, bq, axis=3)
+            s = _masked_scores(q_blk, k_blk, _slice(q_pos, i * bq, bq) if causal else None, kp,
+                               _slice(q_seg, i * bq, bq), ks, masked)  # [B, Hkv, G, bq, bk]
             p = jnp.exp(s - lse_blk[..., None])  # exact softmax probabilities of this block
             dv_acc = dv_acc + jnp.einsum("bhgqk,bqhgd->bhkd", p.astype(do_blk.dtype), do_blk,
                                          preferred_element_type=jnp.float32)
@@ -255,43 +306,39 @@ def _backward(q, k, v, q_seg, k_seg, out, lse, d_out, causal, bq, bk):
             return dq_blk, dk_acc, dv_acc
 
         zeros_kv = jnp.zeros((b, hkv, bk, d), jnp.float32)
-        state = (dq_buf, zeros_kv, zeros_kv)
-        if causal:
-            lo, lo_full = _causal_ranges(j, bq, bk, nq, over_keys=False)
-            state = lax.fori_loop(lo, lo_full, functools.partial(query_block, masked=True), state)
-            state = lax.fori_loop(lo_full, nq, functools.partial(query_block, masked=False), state)
-        else:
-            state = lax.fori_loop(0, nq, functools.partial(query_block, masked=False), state)
-        dq_buf, dk_acc, dv_acc = state
+        lo, hi = _visible_range(ranges, j, nq, over_keys=False) if causal and sorted_positions else (0, nq)
+        dq_buf, dk_acc, dv_acc = lax.fori_loop(lo, hi, query_block, (dq_buf, zeros_kv, zeros_kv))
         dk_buf = lax.dynamic_update_slice_in_dim(dk_buf, jnp.transpose(dk_acc, (0, 2, 1, 3)), j * bk, axis=1)
         dv_buf = lax.dynamic_update_slice_in_dim(dv_buf, jnp.transpose(dv_acc, (0, 2, 1, 3)), j * bk, axis=1)
         return dq_buf, dk_buf, dv_buf
 
     init = (zeros_like_in_loop(d_out, q.shape, jnp.float32), zeros_like_in_loop(d_out, k.shape, jnp.float32),
             zeros_like_in_loop(d_out, v.shape, jnp.float32))
-    dq, dk, dv = lax.fori_loop(0, nk, key_block, init)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    return lax.fori_loop(0, nk, key_block, init)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# custom_vjp wiring
+# custom_vjp wiring for one device
 # ----------------------------------------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _attention(q, k, v, q_seg, k_seg, causal, bq, bk):
-    out, _ = _forward(q, k, v, q_seg, k_seg, causal, bq, bk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _attention(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, bq, bk):
+    out, _ = chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal, bq=bq, bk=bk, sorted_positions=True)
     return out
 
 
-def _attention_fwd(q, k, v, q_seg, k_seg, causal, bq, bk):
-    out, lse = _forward(q, k, v, q_seg, k_seg, causal, bq, bk)
-    return out, (q, k, v, q_seg, k_seg, out, lse)
+def _attention_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, bq, bk):
+    out, lse = chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal, bq=bq, bk=bk,
+                             sorted_positions=True)
+    return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse)
 
 
 def _attention_bwd(causal, bq, bk, residuals, d_out):
-    q, k, v, q_seg, k_seg, out, lse = residuals
-    dq, dk, dv = _backward(q, k, v, q_seg, k_seg, out, lse, d_out, causal, bq, bk)
-    return dq, dk, dv, None, None  # segment ids are integers: no cotangent
+    q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse = residuals
+    dq, dk, dv = chunk_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, softmax_delta(out, d_out), d_out,
+                                causal=causal, bq=bq, bk=bk, sorted_positions=True)
+    # positions and segment ids are integers: no cotangent
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
