@@ -91,6 +91,8 @@ class Checkpointer:
         handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
                     "meta": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._pending: int | None = None  # the step of the async save in flight, if any
+        _quiet_failed_write_noise()
 
     # -- queries ---------------------------------------------------------------------------------------
     def steps(self) -> list[int]:
@@ -136,12 +138,30 @@ class Checkpointer:
         items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(_jsonable(meta))}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
+        self.wait()  # Orbax waits for the previous save anyway; here its failure is reported with its own step
+        self._check_free_space(step, (params, opt_state))
         with self._write_errors(step):
             self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self._pending = step
+
+    def _check_free_space(self, step: int, trees) -> None:
+        """WriteError before writing if the filesystem cannot hold this step (Orbax would fail midway)."""
+        need = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(trees)) // max(jax.process_count(), 1)
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            return  # not a local filesystem we can ask (the write itself will report failures)
+        if free < need * 1.05 + (1 << 20):
+            done = self.steps()
+            kept = f"the last complete step ({done[-1]}) is intact" if done else "no earlier step exists"
+            raise WriteError(f"not enough disk space for checkpoint step {step} in {self.directory}: it needs about "
+                             f"{need / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free; {kept}; free space and "
+                             f"run again to resume")
 
     def wait(self) -> None:
-        with self._write_errors(None):
+        with self._write_errors(self._pending):
             self._manager.wait_until_finished()
+        self._pending = None
 
     def close(self) -> None:
         try:
@@ -186,6 +206,39 @@ class _WriteErrors:
         kept = f"the last complete step ({done[-1]}) is intact" if done else "no earlier step exists"
         raise WriteError(f"could not write {what} to {self.ckpt.directory} ({describe_failure(err)}); "
                          f"{kept}; free space and run again to resume") from None
+
+
+_NOISE_FILTER_INSTALLED = False
+
+
+def _quiet_failed_write_noise() -> None:
+    """Keep a failed async save from printing tracebacks: it is reported once, as a WriteError, by the loop.
+
+    When a write fails (disk full), Orbax's background threads log the error with its traceback (so do the
+    asyncio tasks left unretrieved), and TensorStore callbacks racing the closed event loop print `RuntimeError: Event loop is closed` tracebacks. Both are
+    dropped; every other log record and uncaught exception is left alone.
+    """
+    global _NOISE_FILTER_INSTALLED
+    if _NOISE_FILTER_INSTALLED:
+        return
+    import logging
+    import sys
+
+    def drop_write_failures(record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        return not (err is not None and _is_write_failure(err))
+
+    for name in ("absl", "asyncio"):  # Orbax's threads log via absl; unretrieved asyncio tasks via asyncio
+        logging.getLogger(name).addFilter(drop_write_failures)
+    previous = sys.excepthook
+
+    def excepthook(kind, err, tb):
+        if isinstance(err, RuntimeError) and str(err) == "Event loop is closed":
+            return
+        previous(kind, err, tb)
+
+    sys.excepthook = excepthook
+    _NOISE_FILTER_INSTALLED = True
 
 
 def _is_write_failure(err: BaseException) -> bool:
