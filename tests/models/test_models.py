@@ -288,17 +288,76 @@ def test_blockwise_attention_impl_matches_reference(family):
                                logits_fn(model)(params, ids, segment_ids=segment_ids), atol=2e-5)
 
 
-def test_sharded_llama_matches_single_device():
-    # 8 fake CPU devices (tests/conftest.py) as a (data, fsdp, tensor) = (2, 2, 2) mesh; rules as in
-    # jaxctx.parallel. Exercises the logical names on params and activations (inside scan, remat and chunk maps).
+# How the (data, fsdp, tensor) = (2, 2, 2) mesh splits every parameter of tiny("llama") (2 layers, 4 heads of 12,
+# d_model 32, d_ff 48, vocab 64): (PartitionSpec, shard shape). Written out by hand, so a rule that silently
+# replicates a parameter (or splits the wrong axis) fails here; "kv" = the k/v projections' spec for Hkv = 2.
+_SPLIT = {
+    "['final_norm']['scale']": (("fsdp",), (16,)),
+    "['layers']['attn']['k_kernel']": ((None, "fsdp", "tensor", None), (2, 16, 1, 12)),
+    "['layers']['attn']['v_kernel']": ((None, "fsdp", "tensor", None), (2, 16, 1, 12)),
+    "['layers']['attn']['q_kernel']": ((None, "fsdp", "tensor", None), (2, 16, 2, 12)),
+    "['layers']['attn']['o_kernel']": ((None, "tensor", None, "fsdp"), (2, 2, 12, 16)),
+    "['layers']['attn_norm']['scale']": ((None, "fsdp"), (2, 16)),
+    "['layers']['mlp_norm']['scale']": ((None, "fsdp"), (2, 16)),
+    "['layers']['mlp']['down_kernel']": ((None, "tensor", "fsdp"), (2, 24, 16)),
+    "['layers']['mlp']['gate_kernel']": ((None, "fsdp", "tensor"), (2, 16, 24)),
+    "['layers']['mlp']['up_kernel']": ((None, "fsdp", "tensor"), (2, 16, 24)),
+    "['lm_head']['kernel']": (("fsdp", "tensor"), (16, 32)),
+    "['token_embed']['embedding']": (("tensor", "fsdp"), (32, 16)),
+}
+
+
+def _mesh_222():
+    from jax.sharding import Mesh
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    return mesh
+
+
+def _assert_split(sharded, want):
+    from jax.sharding import PartitionSpec
+    got = {jax.tree_util.keystr(path): x for path, x in jax.tree_util.tree_leaves_with_path(sharded)}
+    assert sorted(got) == sorted(want)  # every parameter, no more, no fewer
+    for name, (spec, shard) in want.items():
+        x = got[name]
+        assert x.sharding.spec == PartitionSpec(*spec), (name, x.sharding.spec)
+        assert x.sharding.shard_shape(x.shape) == shard, name
+        assert {s.data.shape for s in x.addressable_shards} == {shard}, name  # the arrays really are split
+
+
+def test_llama_gqa_with_fewer_kv_heads_than_the_tensor_axis_keeps_them_replicated():
+    """Hkv = 1 cannot be split over tensor = 2: the k/v projections are replicated along `tensor` (still split over
+    fsdp), as jaxctx.parallel documents, and everything else is split as with Hkv = 2."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 devices")
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from jaxctx.train.state import tree_shardings
+    shardings = tree_shardings(param_shapes(tiny("llama", num_kv_heads=1)), _mesh_222())
+    want = dict(_SPLIT)
+    for name in ("['layers']['attn']['k_kernel']", "['layers']['attn']['v_kernel']"):
+        want[name] = ((None, "fsdp", None, None), (2, 16, 1, 12))
+    got = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
+    shapes = {jax.tree_util.keystr(p): x.shape for p, x in
+              jax.tree_util.tree_leaves_with_path(nn.meta.unbox(param_shapes(tiny("llama", num_kv_heads=1))))}
+    from jax.sharding import PartitionSpec
+    assert sorted(got) == sorted(want)
+    for name, (spec, shard) in want.items():
+        assert got[name].spec == PartitionSpec(*spec), (name, got[name].spec)
+        assert got[name].shard_shape(shapes[name]) == shard, name
 
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
-    rules = (("layers", None), ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"), ("kv", None),
-             ("mlp", "tensor"), ("activation_batch", ("data", "fsdp")), ("activation_heads", "tensor"),
-             ("activation_mlp", "tensor"), ("activation_vocab", "tensor"))
+
+def test_sharded_llama_matches_single_device():
+    # 8 fake CPU devices (tests/conftest.py) as a (data, fsdp, tensor) = (2, 2, 2) mesh; the shardings the training
+    # state gets (jaxctx.train.state from jaxctx.parallel.LOGICAL_RULES), checked parameter by parameter, then the
+    # loss and gradients against one device. Exercises the logical names on params and activations (inside scan,
+    # remat and chunk maps).
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices")
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxctx.parallel import LOGICAL_RULES
+    from jaxctx.train.state import tree_shardings
+
+    mesh = _mesh_222()
     cfg = tiny("llama", mlp_chunk=5, loss_chunk=7, remat_policy="full")
     model, params = init(cfg)
     ids, targets, weights = tokens(13, (4, T)), tokens(14, (4, T)), jnp.ones((4, T))
@@ -308,13 +367,13 @@ def test_sharded_llama_matches_single_device():
         return total / n
 
     value, grads = jit(jax.value_and_grad(loss))(params, ids, targets, weights)
-    specs = nn.logical_to_mesh_sharding(nn.get_partition_spec(param_shapes(cfg)), mesh, rules)
-    sharded = jax.device_put(params, specs)
-    assert sharded["layers"]["attn"]["q_kernel"].sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
+    sharded = jax.device_put(params, tree_shardings(param_shapes(cfg), mesh))
+    _assert_split(sharded, _SPLIT)
     batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         s_value, s_grads = jit(jax.value_and_grad(loss))(sharded, *jax.device_put((ids, targets, weights), batch))
     np.testing.assert_allclose(s_value, value, rtol=1e-5)
+    assert jax.tree.structure(s_grads) == jax.tree.structure(grads)
     _assert_close_tree(s_grads, grads, atol=1e-5)
 
 
