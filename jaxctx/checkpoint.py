@@ -81,6 +81,7 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
                  read_only: bool = False):
         self.directory = os.path.abspath(os.fspath(directory))
+        _quiet_failed_write_noise()
         if not read_only:
             os.makedirs(self.directory, exist_ok=True)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
@@ -92,7 +93,6 @@ class Checkpointer:
                     "meta": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._pending: int | None = None  # the step of the async save in flight, if any
-        _quiet_failed_write_noise()
 
     # -- queries ---------------------------------------------------------------------------------------
     def steps(self) -> list[int]:
@@ -214,6 +214,8 @@ _NOISE_FILTER_INSTALLED = False
 def _quiet_failed_write_noise() -> None:
     """Keep a failed async save from printing tracebacks: it is reported once, as a WriteError, by the loop.
 
+    (Also drops Orbax's notices about read-only managers, which every restore here opens.)
+
     When a write fails (disk full), Orbax's background threads log the error with its traceback (so do the
     asyncio tasks left unretrieved), and TensorStore callbacks racing the closed event loop print `RuntimeError: Event loop is closed` tracebacks. Both are
     dropped; every other log record and uncaught exception is left alone.
@@ -226,7 +228,11 @@ def _quiet_failed_write_noise() -> None:
 
     def drop_write_failures(record: logging.LogRecord) -> bool:
         err = record.exc_info[1] if record.exc_info else None
-        return not (err is not None and _is_write_failure(err))
+        if err is not None and _is_write_failure(err):
+            return False
+        # Orbax notes every read-only open (how restore and params-only loads work here): expected, not news.
+        message = str(record.msg)
+        return not ("read_only=True, setting" in message or message.startswith("Given directory is read only"))
 
     for name in ("absl", "asyncio"):  # Orbax's threads log via absl; unretrieved asyncio tasks via asyncio
         logging.getLogger(name).addFilter(drop_write_failures)
