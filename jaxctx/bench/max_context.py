@@ -26,6 +26,7 @@ from jaxctx.bench.trainstep import build_runner, compile_step, compile_with_repo
     state_bytes
 from jaxctx.parallel import mesh_shape
 from jaxctx.errors import UsageError
+from jaxctx.platform import check_platform
 
 SCHEMA_VERSION = 1
 VARIANTS = ("vanilla", "memory_efficient", "blockwise")
@@ -138,6 +139,7 @@ def run_max_context(mc: MaxContextConfig, *, progress: Callable[[str], None] = l
     """Search every variant; return the JSON-ready result {"bench": "max-context", ..., "rows", "probes"}."""
     mc = mc.validated()
     base = config_lib.load(mc.config, list(mc.overrides))
+    check_platform(base)
     # The question is how long one sequence per device can be: the step takes its whole batch at once (no
     # gradient accumulation, whose extra gradient buffer -- learned position tables included -- would be
     # charged to the context).

@@ -19,6 +19,7 @@ from jaxctx.bench.machine import _device_memory_bytes, host_memory_bytes, machin
 from jaxctx.bench.measure import format_bytes, mib
 from jaxctx.bench.trainstep import compile_step, compile_with_report, pick_devices
 from jaxctx.errors import UsageError
+from jaxctx.platform import check_platform
 
 SCHEMA_VERSION = 1
 
@@ -44,6 +45,7 @@ def run_plan(config: str | None, overrides=(), *, devices: int | None = None, bu
     if not isinstance(buffers, int) or buffers < 0:
         raise UsageError(f"--buffers must be a non-negative integer, got {buffers!r}")
     cfg = config_lib.load(config, list(overrides))
+    check_platform(cfg)
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, mode="jit"))
     devs = pick_devices(devices)
     if buffers:

@@ -32,6 +32,7 @@ from jaxctx.bench.trainstep import StepProgram, compile_step, config_at, pick_de
 from jaxctx.ops.attention import resolve_impl
 from jaxctx.parallel import mesh_shape
 from jaxctx.errors import UsageError
+from jaxctx.platform import check_platform
 
 SCHEMA_VERSION = 1
 JAXCTX = "jaxctx"  # `impl` of our rows
@@ -96,7 +97,9 @@ class TrainBenchConfig:
 
 def load_base_config(path: str | None, overrides) -> config_lib.Config:
     """The experiment config with --set overrides (validated); errors name the file and the key."""
-    return config_lib.load(path, list(overrides))
+    cfg = config_lib.load(path, list(overrides))
+    check_platform(cfg)
+    return cfg
 
 
 def variants(cfg: TrainBenchConfig) -> list[tuple[str, dict[str, Any]]]:
