@@ -4,7 +4,6 @@ BertForPreTraining / TF-era checkpoints."""
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -83,5 +82,4 @@ def test_pretraining_checkpoint_with_tf_names(hf, saved, tmp_path):
     with pytest.warns(UserWarning, match="bert.pooler.dense.bias, bert.pooler.dense.weight, cls.seq_relationship"):
         _, params = from_hf(str(pre))
     _, expected = from_hf(path)
-    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(params)):
-        np.testing.assert_array_equal(a, b)
+    hf.assert_same_params(expected, params)

@@ -66,18 +66,12 @@ def test_keys_without_prefix_buffers_and_tied_head_copy(hf, saved, tmp_path):
     (legacy_dir / "config.json").write_text((open(os.path.join(path, "config.json")).read()))
     _, expected = from_hf(path)
     _, params = from_hf(str(legacy_dir))
-    for a, b in zip(*(jax_leaves(p) for p in (expected, params))):
-        np.testing.assert_array_equal(a, b)
+    hf.assert_same_params(expected, params)
     # A head that differs from wte in a tied config is refused rather than dropped.
     legacy["lm_head.weight"] = legacy["wte.weight"] + 1
     save_file(legacy, str(legacy_dir / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lm_head.weight differs from transformer.wte.weight"):
         from_hf(str(legacy_dir))
-
-
-def jax_leaves(tree):
-    import jax
-    return jax.tree.leaves(tree)
 
 
 def test_untied_head_both_ways(hf, tmp_path):
@@ -105,6 +99,14 @@ def test_extend_positions(hf, saved, tmp_path, method):
     if method == "interpolate":
         np.testing.assert_array_equal(new[[0, -1]], old[[0, -1]])
         np.testing.assert_allclose(new[1], old[0] + (old[1] - old[0]) * 63 / 149, atol=1e-6)
+    if method == "copy":  # rows 64.. freshly drawn from the model's own init N(0, initializer_range), fixed seed
+        std = cfg.model.initializer_range
+        fresh = new[64:]
+        assert np.isfinite(fresh).all() and not np.any(np.all(fresh == 0, axis=1))
+        assert abs(float(fresh.mean())) < 0.1 * std and abs(float(fresh.std()) - std) < 0.1 * std
+        assert not any(np.array_equal(row, o) for row in fresh for o in old)  # not copies of learned rows
+        _, again = from_hf(path, max_positions=150, extend_positions=method)
+        np.testing.assert_array_equal(again["pos_embed"]["embedding"], new)  # deterministic
     if method in ("tile", "copy"):  # the original rows are kept: short inputs are unchanged
         np.testing.assert_array_equal(new[:64], old)
         ids = hf.ids((1, 64), seed=7)
