@@ -115,7 +115,9 @@ def test_max_context_is_consistent_with_its_probes(search):
         if at_max:
             assert row["total_gib"] == pytest.approx(at_max[0]["total_bytes"] / 1024 ** 3, rel=1e-3)
     by = {r["variant"]: r["max_seq_len"] for r in result["rows"]}
-    assert by["blockwise"] >= by["vanilla"] > 0
+    # Strictly longer, with a margin: measured 256 vs 128 (2x) on this tiny search; equal would mean the memory
+    # work bought nothing.
+    assert by["vanilla"] > 0 and by["blockwise"] >= 1.5 * by["vanilla"], by
     vanilla_256 = [p for p in result["probes"] if p["variant"] == "vanilla" and p["seq_len"] == 256]
     blockwise_256 = [p for p in result["probes"] if p["variant"] == "blockwise" and p["seq_len"] == 256]
     if vanilla_256 and blockwise_256:  # the materialised [B, H, T, T] scores cost memory at the same T
