@@ -191,14 +191,16 @@ def _visible_range(ranges, idx, n_other, *, over_keys: bool):
 # ----------------------------------------------------------------------------------------------------------
 
 def chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, bq: int, bk: int,
-                  sorted_positions: bool = False, out_dtype=None):
+                  sorted_positions: bool = False, state=None):
     """Attention of a query chunk against a key chunk, with explicit positions and segment ids.
 
     q [B, Tq, Hkv, G, D]; k, v [B, Tk, Hkv, D]; q_pos [P, Tq], k_pos [P, Tk] int32 (P = 1 or B); q_seg [B, Tq],
     k_seg [B, Tk] int32 or both None. Tq % bq == Tk % bk == 0. sorted_positions: positions are nondecreasing
     along T, so causal loops can stop early instead of classifying every block.
-    Returns out [B, Tq, Hkv, G, D] (out_dtype, default q's), normalised over this chunk's keys, and
-    lse [B, Hkv, G, Tq] float32, -inf for rows that see no key of this chunk (their out is 0).
+
+    state=None: returns out [B, Tq, Hkv, G, D] in q's dtype and lse [B, Hkv, G, Tq] float32 (-inf and out = 0
+    for rows that see no key). state=(acc, m, l), the running statistics of earlier chunks (see `init_state`):
+    returns them updated with this chunk's keys, so several chunks merge exactly as the blocks of one do.
     """
     b, tq, hkv, g, d = q.shape
     nq, nk = tq // bq, k.shape[1] // bk
@@ -206,15 +208,14 @@ def chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, bq: int,
     ranges = block_ranges(q_pos, k_pos, q_seg, k_seg, bq, bk)
 
     def query_block(i, carry):
-        out_buf, lse_buf = carry
         q_blk = _slice(q, i * bq, bq) * jnp.asarray(scale, q.dtype)
         qp, qs = _slice(q_pos, i * bq, bq), _slice(q_seg, i * bq, bq)
 
-        def key_block(j, state):
-            return _run_block(lambda st, masked: update(j, st, masked), state, i, j, ranges, causal)
+        def key_block(j, st):
+            return _run_block(lambda st, masked: update(j, st, masked), st, i, j, ranges, causal)
 
-        def update(j, state, masked):
-            m, l, acc = state  # [B, Hkv, G, bq], [B, Hkv, G, bq], [B, Hkv, G, bq, D]
+        def update(j, st, masked):
+            m, l, acc = st  # [B, Hkv, G, bq], [B, Hkv, G, bq], [B, Hkv, G, bq, D]
             k_blk, v_blk = _slice(k, j * bk, bk), _slice(v, j * bk, bk)
             s = _masked_scores(q_blk, k_blk, qp if causal else None, _slice(k_pos, j * bk, bk),
                                qs, _slice(k_seg, j * bk, bk), masked)  # [B, Hkv, G, bq, bk]
@@ -227,21 +228,56 @@ def chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, bq: int,
             acc = acc * correction[..., None] + pv
             return m_new, l, acc
 
-        init = (jnp.full((b, hkv, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, hkv, g, bq), jnp.float32),
-                jnp.zeros((b, hkv, g, bq, d), jnp.float32))
+        if state is None:
+            init = (jnp.full((b, hkv, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, hkv, g, bq), jnp.float32),
+                    jnp.zeros((b, hkv, g, bq, d), jnp.float32))
+        else:  # continue this query block's statistics from earlier chunks
+            acc_buf, m_buf, l_buf = carry
+            init = (_slice(m_buf, i * bq, bq, axis=3), _slice(l_buf, i * bq, bq, axis=3),
+                    jnp.transpose(_slice(acc_buf, i * bq, bq), (0, 2, 3, 1, 4)))
         lo, hi = _visible_range(ranges, i, nk, over_keys=True) if causal and sorted_positions else (0, nk)
         m, l, acc = lax.fori_loop(lo, hi, key_block, init)
-        empty = l == 0.0
-        out_blk = acc / jnp.where(empty, 1.0, l)[..., None]  # [B, Hkv, G, bq, D]
-        lse_blk = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+        if state is not None:
+            acc_buf = lax.dynamic_update_slice_in_dim(acc_buf, jnp.transpose(acc, (0, 3, 1, 2, 4)), i * bq, axis=1)
+            return (acc_buf, lax.dynamic_update_slice_in_dim(m_buf, m, i * bq, axis=3),
+                    lax.dynamic_update_slice_in_dim(l_buf, l, i * bq, axis=3))
+        out_buf, lse_buf = carry
+        out_blk, lse_blk = _normalise(acc, m, l)
         out_blk = jnp.transpose(out_blk, (0, 3, 1, 2, 4)).astype(out_buf.dtype)  # [B, bq, Hkv, G, D]
         out_buf = lax.dynamic_update_slice_in_dim(out_buf, out_blk, i * bq, axis=1)
         lse_buf = lax.dynamic_update_slice_in_dim(lse_buf, lse_blk, i * bq, axis=3)
         return out_buf, lse_buf
 
-    out = zeros_like_in_loop(q, dtype=out_dtype or q.dtype)
+    if state is not None:
+        return lax.fori_loop(0, nq, query_block, tuple(state))
+    out = zeros_like_in_loop(q)
     lse = zeros_like_in_loop(q, (b, hkv, g, tq), jnp.float32)
     return lax.fori_loop(0, nq, query_block, (out, lse))
+
+
+def _lse(m, l):
+    """lse = m + log l from the running row max and sum; -inf for rows that saw nothing (l = 0)."""
+    return jnp.where(l == 0.0, -jnp.inf, m + jnp.log(jnp.where(l == 0.0, 1.0, l)))
+
+
+def _normalise(acc, m, l):
+    """Block statistics acc [B, Hkv, G, bq, D], m/l [B, Hkv, G, bq] -> (acc / l, lse); 0 where nothing seen."""
+    return acc / jnp.where(l == 0.0, 1.0, l)[..., None], _lse(m, l)
+
+
+def init_state(q):
+    """Empty running statistics for queries q [B, Tq, Hkv, G, D]: acc f32 like q (unnormalised output),
+    m (running row max, -inf) and l (running row sum, 0), both [B, Hkv, G, Tq] f32."""
+    b, tq, hkv, g, _ = q.shape
+    return (zeros_like_in_loop(q, dtype=jnp.float32), jnp.full((b, hkv, g, tq), -jnp.inf, jnp.float32),
+            jnp.zeros((b, hkv, g, tq), jnp.float32))
+
+
+def finish_state(state, dtype):
+    """Running statistics -> out [B, Tq, Hkv, G, D] in dtype and lse [B, Hkv, G, Tq] f32."""
+    acc, m, l = state
+    rows = jnp.transpose(jnp.where(l == 0.0, 1.0, l), (0, 3, 1, 2))[..., None]  # [B, Tq, Hkv, G, 1]
+    return (acc / rows).astype(dtype), _lse(m, l)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,12 +292,13 @@ def softmax_delta(out, d_out):
 
 
 def chunk_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, delta, d_out, *, causal: bool, bq: int, bk: int,
-                   sorted_positions: bool = False):
+                   sorted_positions: bool = False, grads=None):
     """Gradients of one chunk pair given the final lse [B, Hkv, G, Tq] and delta [B, Hkv, G, Tq].
 
     Shapes as `chunk_forward`; d_out [B, Tq, Hkv, G, D]. lse is the log-sum-exp over *all* keys the queries see
     (in ring attention: over every chunk), -inf for rows that see nothing. Returns dq [B, Tq, Hkv, G, D],
-    dk, dv [B, Tk, Hkv, D], all float32 so callers can accumulate contributions of several chunks exactly.
+    dk, dv [B, Tk, Hkv, D], all float32. grads: optional (dq, dk, dv) f32 to add to, so a caller summing
+    several chunks (ring attention) needs no second set of buffers.
     """
     b, tq, hkv, g, d = q.shape
     tk = k.shape[1]
@@ -305,16 +342,20 @@ def chunk_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, delta, d_out, *, ca
             dk_acc = dk_acc + jnp.einsum("bhgqk,bqhgd->bhkd", ds_in, q_blk, preferred_element_type=jnp.float32)
             return dq_blk, dk_acc, dv_acc
 
-        zeros_kv = jnp.zeros((b, hkv, bk, d), jnp.float32)
+        if grads is None:
+            dk_acc = dv_acc = jnp.zeros((b, hkv, bk, d), jnp.float32)
+        else:  # continue from the contributions of earlier chunks' queries
+            dk_acc, dv_acc = (jnp.transpose(_slice(x, j * bk, bk), (0, 2, 1, 3)) for x in (dk_buf, dv_buf))
         lo, hi = _visible_range(ranges, j, nq, over_keys=False) if causal and sorted_positions else (0, nq)
-        dq_buf, dk_acc, dv_acc = lax.fori_loop(lo, hi, query_block, (dq_buf, zeros_kv, zeros_kv))
+        dq_buf, dk_acc, dv_acc = lax.fori_loop(lo, hi, query_block, (dq_buf, dk_acc, dv_acc))
         dk_buf = lax.dynamic_update_slice_in_dim(dk_buf, jnp.transpose(dk_acc, (0, 2, 1, 3)), j * bk, axis=1)
         dv_buf = lax.dynamic_update_slice_in_dim(dv_buf, jnp.transpose(dv_acc, (0, 2, 1, 3)), j * bk, axis=1)
         return dq_buf, dk_buf, dv_buf
 
-    init = (zeros_like_in_loop(d_out, q.shape, jnp.float32), zeros_like_in_loop(d_out, k.shape, jnp.float32),
-            zeros_like_in_loop(d_out, v.shape, jnp.float32))
-    return lax.fori_loop(0, nk, key_block, init)
+    if grads is None:
+        grads = (zeros_like_in_loop(d_out, q.shape, jnp.float32), zeros_like_in_loop(d_out, k.shape, jnp.float32),
+                 zeros_like_in_loop(d_out, v.shape, jnp.float32))
+    return lax.fori_loop(0, nk, key_block, tuple(grads))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxctx.ops.attention import _validate
 from jaxctx.ops.blockwise import (PAD_KEY_SEGMENT, PAD_QUERY_SEGMENT, SKIP, block_kind, block_ranges,
-                                  chunk_backward, chunk_forward, pick_block, round_up, softmax_delta)
+                                  chunk_backward, chunk_forward, finish_state, init_state, pick_block, round_up,
+                                  softmax_delta)
 from jaxctx.ops.buffers import zeros_like_in_loop
 
 STRATEGIES = ("ring", "all_gather")
@@ -275,47 +276,31 @@ def _visible(q_pos, k_pos, q_seg, k_seg, causal):
     return block_kind(r, 0, 0, causal) != SKIP
 
 
-def _lse_to_rows(lse):
-    return jnp.transpose(lse, (0, 3, 1, 2))[..., None]  # [B, Hkv, G, Tl] -> [B, Tl, Hkv, G, 1]
-
-
-def _merge(out, lse, o, l):
-    """Combine two partial softmax results by log-sum-exp (f32); -inf lse = nothing seen, weight 0."""
-    new = jnp.logaddexp(lse, l)
-    safe = jnp.where(new == -jnp.inf, 0.0, new)
-    return out * _lse_to_rows(jnp.exp(lse - safe)) + o * _lse_to_rows(jnp.exp(l - safe)), new
-
-
 # ----------------------------------------------------------------------------------------------------------
 # strategy="ring"
 # ----------------------------------------------------------------------------------------------------------
 
 def _ring_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions):
-    """Local q [B, Tl, Hkv, G, D] against every chunk of the ring -> out f32 [B, Tl, Hkv, G, D], lse f32."""
+    """Local q [B, Tl, Hkv, G, D] against every chunk of the ring -> out [B, Tl, Hkv, G, D] (q dtype), lse f32.
+
+    The running softmax statistics (acc f32 like q, row max and row sum [B, Hkv, G, Tl]) carry over from one
+    chunk to the next: merging chunks by log-sum-exp is the same online-softmax update as merging blocks."""
     kw = dict(causal=causal, bq=bq, bk=bk, sorted_positions=sorted_positions)
 
-    def visit(chunk):
+    def visit(chunk, state):
         kc, vc, kp, ks = chunk
-
-        def compute():
-            return chunk_forward(q, kc, vc, q_pos, kp, q_seg, ks, out_dtype=jnp.float32, **kw)
-
-        def skip():  # nothing in this chunk is visible (e.g. causal: all its keys come after our queries)
-            return (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:1] + q.shape[2:4] + q.shape[1:2],
-                                                              -jnp.inf, jnp.float32))
-
-        return lax.cond(_visible(q_pos, kp, q_seg, ks, causal), compute, skip)
+        # Skip the whole chunk when no local query can see any of its keys (causal: all its keys come later).
+        return lax.cond(_visible(q_pos, kp, q_seg, ks, causal),
+                        lambda st: chunk_forward(q, kc, vc, q_pos, kp, q_seg, ks, state=st, **kw),
+                        lambda st: st, state)
 
     def step(_, carry):
-        chunk, out, lse = carry
+        chunk, state = carry
         nxt = _rotate(chunk, axis, n)  # issued first: the transfer can overlap this step's compute
-        out, lse = _merge(out, lse, *visit(chunk))
-        return nxt, out, lse
+        return nxt, visit(chunk, state)
 
-    out0 = zeros_like_in_loop(q, dtype=jnp.float32)
-    lse0 = jnp.full((q.shape[0],) + q.shape[2:4] + (q.shape[1],), -jnp.inf, jnp.float32)  # [B, Hkv, G, Tl]
-    chunk, out, lse = lax.fori_loop(0, n - 1, step, ((k, v, k_pos, k_seg), out0, lse0))
-    return _merge(out, lse, *visit(chunk))  # the last chunk: no hop after it
+    chunk, state = lax.fori_loop(0, n - 1, step, ((k, v, k_pos, k_seg), init_state(q)))
+    return finish_state(visit(chunk, state), q.dtype)  # the last chunk: no hop after it
 
 
 def _ring_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse, d_out, axis, n, causal, bq, bk,
@@ -323,46 +308,37 @@ def _ring_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse, d_out, axis, n
     kw = dict(causal=causal, bq=bq, bk=bk, sorted_positions=sorted_positions)
     delta = softmax_delta(out, d_out)  # [B, Hkv, G, Tl], from the final output: the same for every chunk
 
-    def visit(chunk):
+    def visit(chunk, grads):
         kc, vc, kp, ks = chunk
-
-        def compute():
-            return chunk_backward(q, kc, vc, q_pos, kp, q_seg, ks, lse, delta, d_out, **kw)
-
-        def skip():
-            return (jnp.zeros(q.shape, jnp.float32), jnp.zeros(kc.shape, jnp.float32),
-                    jnp.zeros(vc.shape, jnp.float32))
-
-        return lax.cond(_visible(q_pos, kp, q_seg, ks, causal), compute, skip)
+        return lax.cond(_visible(q_pos, kp, q_seg, ks, causal),
+                        lambda g: chunk_backward(q, kc, vc, q_pos, kp, q_seg, ks, lse, delta, d_out, grads=g, **kw),
+                        lambda g: g, grads)
 
     def step(_, carry):
-        chunk, dkv, dq = carry
+        chunk, grads = carry
         nxt = _rotate(chunk, axis, n)
-        dq_c, dk_c, dv_c = visit(chunk)
-        # The chunk's dK/dV accumulators (f32 [B, Tl, Hkv, D]) follow the chunk to the next device.
-        dkv = _rotate((dkv[0] + dk_c, dkv[1] + dv_c), axis, n)
-        return nxt, dkv, dq + dq_c
+        dq, dk, dv = visit(chunk, grads)
+        # The chunk's dK/dV accumulators (f32 [B, Tl, Hkv, D]) follow the chunk to the next device; dQ stays.
+        dk, dv = _rotate((dk, dv), axis, n)
+        return nxt, (dq, dk, dv)
 
     zeros_kv = zeros_like_in_loop(d_out, k.shape, jnp.float32)
-    init = ((k, v, k_pos, k_seg), (zeros_kv, zeros_kv), zeros_like_in_loop(d_out, q.shape, jnp.float32))
-    chunk, dkv, dq = lax.fori_loop(0, n - 1, step, init)
-    dq_c, dk_c, dv_c = visit(chunk)
-    dk, dv = dkv[0] + dk_c, dkv[1] + dv_c
+    init = ((k, v, k_pos, k_seg), (zeros_like_in_loop(d_out, q.shape, jnp.float32), zeros_kv, zeros_kv))
+    chunk, grads = lax.fori_loop(0, n - 1, step, init)
+    dq, dk, dv = visit(chunk, grads)
     if n > 1:
         # The chunk held now belongs to the next device; its completed gradient makes the last hop home.
         dk, dv = _rotate((dk, dv), axis, n)
-    return dq + dq_c, dk, dv
+    return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
 def _ring(q, k, v, q_pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions):
-    out, _ = _ring_forward(q, k, v, q_pos, q_pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions)
-    return out.astype(q.dtype)
+    return _ring_forward(q, k, v, q_pos, q_pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions)[0]
 
 
 def _ring_fwd(q, k, v, q_pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions):
     out, lse = _ring_forward(q, k, v, q_pos, q_pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions)
-    out = out.astype(q.dtype)
     return out, (q, k, v, q_pos, q_seg, k_seg, out, lse)
 
 
