@@ -425,7 +425,7 @@ def load(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -
     try:
         return from_dict(values).resolved()
     except ConfigError as err:
-        where = f" (in {path})" if path else ""
+        where = f" (in {path}{' with --set overrides' if overrides else ''})" if path else ""
         raise ConfigError(f"{err}{where}") from None
 
 

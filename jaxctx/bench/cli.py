@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     """Add `bench` (and its sub-subcommands) and `plan` to the top-level `jaxctx` parser."""
     parser = subparsers.add_parser(
         "bench", help="benchmark kernels and train steps: time, memory, FLOP rate",
-        description="Benchmarks with machine-stamped JSON/CSV/PNG results. See docs/bench.md.")
+        description="Benchmarks with machine-stamped JSON/CSV/PNG results. See docs/benchmarks.md.")
     kinds = parser.add_subparsers(dest="bench_command", metavar="BENCH")
     kinds.required = True
     common = _common_flags()
@@ -184,7 +184,7 @@ def _register_train(kinds, common: argparse.ArgumentParser) -> None:
         help="the real train step of a config across sequence lengths: step time, tokens/s, MFU, memory",
         description="Compile and run a config's jitted train step (the one train.py runs) at each sequence length "
                     "on a synthetic batch: median step time, tokens/s, MFU by 6N + 12*L*H*Q*T model FLOPs per "
-                    "token (attention halved when causal; see docs/bench.md), compiled memory per device. Tokens "
+                    "token (attention halved when causal; see docs/benchmarks.md), compiled memory per device. Tokens "
                     "per step are held constant by scaling the batch unless --batch is given.")
     p.add_argument("--seq-lens", required=True, metavar="T,T,...", help="comma-separated sequence lengths")
     size = p.add_mutually_exclusive_group()

@@ -221,8 +221,16 @@ def _load(builder: str, cfg, description: str, **kwargs):
     except (FileNotFoundError, DataError):
         raise
     except Exception as err:  # datasets wraps parse errors in its own types; name the source instead
-        raise DataError(f"could not load {description} with the {builder!r} loader: "
-                        f"{type(err).__name__}: {err}") from err
+        raise DataError(f"could not load {description} with the {builder!r} loader: {_root_cause(err)}") from err
+
+
+def _root_cause(err: BaseException) -> str:
+    """'Type: message' of the innermost cause (the JSON or Arrow parse error datasets wraps), on one line."""
+    seen = 0
+    while (err.__cause__ or err.__context__) is not None and seen < 8:
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:300]}"
 
 
 def _column_names(ds) -> list[str]:

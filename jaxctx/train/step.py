@@ -61,12 +61,16 @@ def grads_and_sums(model, params, batch: dict, accum: int):
 
 
 def apply_update(state: TrainState, grads, loss_sum, weight_sum, optimizer, schedule) -> tuple[TrainState, dict]:
-    """Mean-normalise the summed gradients, update, and skip the update if anything is non-finite."""
+    """Mean-normalise the summed gradients, update, and skip the update if anything is non-finite or the batch
+    scored no token."""
     denom = jnp.maximum(weight_sum, 1.0)
     loss = loss_sum / denom
     grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A batch with no scored token has nothing to learn from: its zero gradients would still move AdamW's
+    # moments and apply weight decay. Skip it like a non-finite step (the loop stops and names the cause).
+    apply = finite & (weight_sum > 0)
 
     def update(params, opt_state):
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
@@ -76,7 +80,7 @@ def apply_update(state: TrainState, grads, loss_sum, weight_sum, optimizer, sche
     # rather than a where(finite, new, old): with the state donated, a select needs the old and the new optimizer
     # state alive together, and XLA copies every moment buffer to get that -- 2 bytes more per parameter byte
     # at the peak, which for a learned [T, D] position table is ~6 KB per token of context.
-    params, opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), state.params, state.opt_state)
+    params, opt_state = jax.lax.cond(apply, update, lambda p, o: (p, o), state.params, state.opt_state)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "tokens": weight_sum,
                "finite": finite}

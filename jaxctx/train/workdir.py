@@ -157,8 +157,8 @@ def plan_start(cfg: config_lib.Config, workdir: str) -> StartPlan:
             refused.append(f"{key}: {before[key]!r} in the workdir, {value!r} requested")
     if refused:
         raise WorkdirError(f"workdir {workdir} holds a run of a different model or data ({record}); "
-                           f"{'; '.join(refused)}. Nothing was changed: use another --workdir, or start a new run "
-                           f"from its weights with --set train.init_from={workdir}")
+                           f"{'; '.join(refused)}. Nothing was changed: give this run another --workdir (these "
+                           f"keys cannot change within one run)")
     return StartPlan(workdir=workdir, record=record, changed=changed)
 
 

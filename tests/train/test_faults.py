@@ -183,6 +183,25 @@ def test_too_little_disk_space_stops_before_writing_the_checkpoint(tmp_path, cac
         {k: v for k, v in kept.items() if k.startswith("checkpoints")}  # nothing of step 4 was written
 
 
+def test_a_step_with_no_scored_tokens_leaves_the_state_untouched():
+    import jax.numpy as jnp
+    import optax
+
+    from jaxctx.train.step import TrainState, apply_update
+
+    params = {"w": jnp.arange(6.0).reshape(2, 3)}
+    optimizer = optax.adamw(1e-2, weight_decay=0.1)
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params))
+    grads = {"w": jnp.ones((2, 3))}
+    for weight_sum, moved in ((0.0, False), (4.0, True)):
+        new, metrics = apply_update(state, grads, jnp.float32(0.0), jnp.float32(weight_sum), optimizer,
+                                    lambda step: 1e-2)
+        assert bool(metrics["finite"]) and float(metrics["tokens"]) == weight_sum
+        same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves((state.params, state.opt_state)),
+                                                        jax.tree.leaves((new.params, new.opt_state))))
+        assert same != moved, weight_sum  # zero scored tokens: no AdamW moment update, no weight decay
+
+
 def test_a_batch_with_no_scored_tokens_stops_with_a_message(tmp_path, capsys, cache, monkeypatch):
     import jaxctx.data.pipeline as pipeline
 
