@@ -21,7 +21,7 @@ import yaml
 from jaxctx.errors import ConfigError  # noqa: F401  (re-exported: callers catch jaxctx.config.ConfigError)
 
 FAMILIES = ("gpt2", "llama", "bert")
-ATTENTION_IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "splash")
+ATTENTION_IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "pallas_gpu", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = (
     "none",  # no rematerialisation: every activation is stored for the backward pass

@@ -14,6 +14,7 @@ from jaxctx.errors import PlatformError
 # Kernel -> (backend it needs, compute dtypes it takes or None for any). "auto" picks a kernel that runs.
 _KERNEL_NEEDS = {
     "cudnn": ("gpu", ("bfloat16", "float16")),
+    "pallas_gpu": ("gpu", ("bfloat16", "float16", "float32")),
     "splash": ("tpu", None),
 }
 

@@ -42,6 +42,9 @@ def available_impls(backend: str | None = None, dtype: str = "float32") -> tuple
     impls = ["reference", "xla", "blockwise"]
     if backend == "gpu" and dtype in CUDNN_DTYPES:
         impls.append("cudnn")
+    # pallas_gpu needs a GPU and jax's Pallas (Triton) attention; it takes f32 too (cuDNN does not).
+    if backend == "gpu" and importlib.util.find_spec("jax.experimental.pallas.ops.gpu.attention") is not None:
+        impls.append("pallas_gpu")
     # splash needs both a TPU and our TPU-only wrapper module, which may not exist yet.
     if backend == "tpu" and importlib.util.find_spec("jaxctx.ops.splash") is not None:
         impls.append("splash")
@@ -62,7 +65,8 @@ def check_impls(impls, backend: str | None = None, dtype: str = "float32") -> tu
             raise UsageError(f"--impls: 'cudnn' needs --dtype {' or '.join(CUDNN_DTYPES)} (cuDNN fused attention "
                              f"has no {dtype} kernel); got --dtype {dtype}")
         if impl != "auto" and impl not in runnable:
-            need = {"cudnn": "a GPU", "splash": "a TPU with jaxctx.ops.splash"}.get(impl, "another backend")
+            need = {"cudnn": "a GPU", "pallas_gpu": "a GPU with jax's Pallas GPU attention",
+                    "splash": "a TPU with jaxctx.ops.splash"}.get(impl, "another backend")
             raise UsageError(f"--impls: {impl!r} needs {need}, but the backend is {backend!r}; "
                              f"on this machine use {', '.join(runnable)}")
     return tuple(dict.fromkeys(impls))  # drop repeats, keep order

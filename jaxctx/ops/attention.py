@@ -7,8 +7,11 @@ chosen at call time (never at import time) from `impl`:
 - "xla": `jax.nn.dot_product_attention` (XLA's fused pattern; O(T^2) memory on CPU).
 - "blockwise": our online-softmax kernel with a flash-style custom VJP; O(T * block) memory on any backend.
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, GPU only.
+- "pallas_gpu": Pallas (Triton) flash attention, GPU only; takes segment_ids natively, so packed documents run
+  in O(T) memory (cuDNN here gets a dense [B, 1, T, T] mask).
 - "splash": Pallas splash attention, TPU only.
-- "auto": cudnn on GPU, splash on TPU when importable, blockwise otherwise.
+- "auto": on GPU pallas_gpu when segment_ids are given, else cudnn for bf16/f16 and blockwise for f32; splash
+  on TPU when importable; blockwise otherwise.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 from jaxctx.ops.blockwise import blockwise_attention
 from jaxctx.ops.reference import reference_attention, visibility_mask
 
-IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "splash")
+IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "pallas_gpu", "splash")
 
 
 def _validate(q, k, v, segment_ids, impl):
@@ -50,6 +53,15 @@ def _validate(q, k, v, segment_ids, impl):
 
 
 @functools.cache
+def _pallas_gpu_importable() -> bool:
+    try:
+        from jax.experimental.pallas.ops.gpu import attention  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the jaxlib build
+        return False
+    return True
+
+
+@functools.cache
 def _splash_importable() -> bool:
     try:
         from jax.experimental.pallas.ops.tpu import splash_attention  # noqa: F401
@@ -58,12 +70,16 @@ def _splash_importable() -> bool:
     return True
 
 
-def resolve_impl(impl: str, dtype=None) -> str:
-    """Map "auto" to the fastest kernel for the default backend (and, on GPU, the input dtype)."""
+def resolve_impl(impl: str, dtype=None, segmented: bool = False) -> str:
+    """Map "auto" to the fastest kernel for the default backend (and, on GPU, the input dtype and whether
+    `segment_ids` are given)."""
     if impl != "auto":
         return impl
     backend = jax.default_backend()
     if backend == "gpu":
+        if segmented and _pallas_gpu_importable() and dtype in (None, jnp.bfloat16, jnp.float16, jnp.float32):
+            # Packed documents: cuDNN would need a dense [B, 1, T, T] mask; the Pallas kernel compares ids.
+            return "pallas_gpu"
         # cuDNN's fused kernel exists for 16-bit inputs only; f32 on GPU runs our blockwise kernel.
         return "cudnn" if dtype in (None, jnp.bfloat16, jnp.float16) else "blockwise"
     if backend == "tpu" and _splash_importable():
@@ -86,7 +102,7 @@ def attention(q, k, v, *, causal: bool = False, segment_ids=None, impl: str = "a
       [B, T, H, D] in q's dtype.
     """
     _validate(q, k, v, segment_ids, impl)
-    impl = resolve_impl(impl, q.dtype)
+    impl = resolve_impl(impl, q.dtype, segmented=segment_ids is not None)
     if impl == "reference":
         return reference_attention(q, k, v, causal=causal, segment_ids=segment_ids)
     if impl == "blockwise":
@@ -102,6 +118,12 @@ def attention(q, k, v, *, causal: bool = False, segment_ids=None, impl: str = "a
             raise ValueError(f"attention impl='cudnn' needs bfloat16 or float16 q/k/v (cuDNN has no {q.dtype} "
                              f"fused kernel); cast them or use impl='blockwise'")
         return _cudnn_attention(q, k, v, causal=causal, segment_ids=segment_ids)
+    if impl == "pallas_gpu":
+        if jax.default_backend() != "gpu" or not _pallas_gpu_importable():
+            raise ValueError(f"attention impl='pallas_gpu' needs a GPU with jax's Pallas GPU attention, but the "
+                             f"default backend is {jax.default_backend()!r}; use impl='auto' or 'blockwise'")
+        from jaxctx.ops.pallas_gpu import pallas_gpu_attention  # GPU kernel import, kept out of the CPU path
+        return pallas_gpu_attention(q, k, v, causal=causal, segment_ids=segment_ids)
     if impl == "splash":
         if jax.default_backend() != "tpu" or not _splash_importable():
             raise ValueError(f"attention impl='splash' needs a TPU with Pallas splash attention, but the default "
