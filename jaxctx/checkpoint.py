@@ -17,6 +17,7 @@ naming the path and the step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
@@ -269,7 +270,7 @@ def _latest_complete(ckpt: Checkpointer, directory: str, step: int | None) -> in
                                   f"{', '.join(sorted(os.listdir(directory))[:8]) or 'nothing'})")
     elif step not in ckpt.steps():
         raise UserFileNotFoundError(f"{directory} has no checkpoint step {step}; it has steps "
-                              f"{', '.join(map(str, ckpt.steps())) or 'none'}")
+                                    f"{', '.join(map(str, ckpt.steps())) or 'none'}")
     return step
 
 
@@ -279,12 +280,20 @@ def _params_tree(ckpt: Checkpointer, step: int):
     return getattr(metadata, "tree", metadata)
 
 
-def params_metadata(path: str | os.PathLike, *, step: int | None = None) -> tuple[int, Any, dict]:
-    """(step, tree of array metadata with .shape/.dtype, meta) of a checkpoint's params, without loading them."""
+@contextlib.contextmanager
+def _reading(path: str | os.PathLike, step: int | None):
+    """(read-only Checkpointer, checkpoint root, step: the given one or the latest complete), closed after."""
     directory = checkpoint_dir(path)
     ckpt = Checkpointer(directory, read_only=True, async_save=False)
     try:
-        step = _latest_complete(ckpt, directory, step)
+        yield ckpt, directory, _latest_complete(ckpt, directory, step)
+    finally:
+        ckpt.close()
+
+
+def params_metadata(path: str | os.PathLike, *, step: int | None = None) -> tuple[int, Any, dict]:
+    """(step, tree of array metadata with .shape/.dtype, meta) of a checkpoint's params, without loading them."""
+    with _reading(path, step) as (ckpt, directory, step):
         try:
             meta = ckpt.restore_meta(step)
             metadata = _params_tree(ckpt, step)
@@ -293,8 +302,6 @@ def params_metadata(path: str | os.PathLike, *, step: int | None = None) -> tupl
                                   f"({describe_failure(err)})") from None
         if metadata is None:
             raise CheckpointError(f"checkpoint {directory} step {step} has no params item")
-    finally:
-        ckpt.close()
     return step, metadata, meta
 
 
@@ -321,10 +328,7 @@ def load_params(path: str | os.PathLike, abstract_params=None, *, step: int | No
     With `abstract_params` the arrays land on its shardings; without, they come back as host numpy arrays.
     A missing, unreadable or corrupt checkpoint is a CheckpointError naming the directory and the step.
     """
-    directory = checkpoint_dir(path)
-    ckpt = Checkpointer(directory, read_only=True, async_save=False)
-    try:
-        step = _latest_complete(ckpt, directory, step)
+    with _reading(path, step) as (ckpt, directory, step):
         try:
             meta = ckpt.restore_meta(step)
             if abstract_params is None:
@@ -337,14 +341,10 @@ def load_params(path: str | os.PathLike, abstract_params=None, *, step: int | No
                 abstract = abstract_params
             args = ocp.args.StandardRestore(abstract)
             params = ckpt._manager.restore(step, args=ocp.args.Composite(params=args))["params"]
-        except CheckpointError:
-            raise
         except Exception as err:  # corrupt files: JSON, TensorStore, KeyError, ... errors
             raise CheckpointError(f"checkpoint {directory} step {step} cannot be restored "
                                   f"({describe_failure(err)}); pick another step (--step N / a copy of the "
                                   f"run) or re-create it") from None
-    finally:
-        ckpt.close()
     if abstract_params is None:
         params = jax.tree.map(np.asarray, params)
     return params, meta

@@ -22,7 +22,8 @@ import jax
 import numpy as np
 
 from jaxctx import config as config_lib
-from jaxctx.checkpoint import Checkpointer, check_params_match, load_params, params_metadata, quarantine
+from jaxctx.checkpoint import (Checkpointer, check_params_match, checkpoint_dir, load_params, params_metadata,
+                               quarantine)
 from jaxctx.errors import WriteError
 from jaxctx.parallel import make_mesh
 from jaxctx.platform import check_platform
@@ -101,6 +102,8 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
 
     # --- pre-flight: nothing in this section writes a file ------------------------------------------------
     plan = workdir_lib.plan_start(cfg, workdir)  # refuses a workdir of another model before any work
+    if cfg.train.init_from and not os.path.isdir(ckpt_dir):
+        checkpoint_dir(cfg.train.init_from)  # a missing init_from fails now, not after the data is prepared
     # Data first: tokenization may fork worker processes, which must happen before JAX starts its backend threads.
     import datasets
     datasets.disable_progress_bars()  # one summary line below instead of a bar per preparation stage
