@@ -164,6 +164,27 @@ def test_checkpoint_write_failure_stops_with_a_message_and_keeps_the_last_step(t
     same_numbers(metrics(workdir), reference)
 
 
+@pytest.mark.slow
+def test_metrics_write_failure_stops_with_a_message(tmp_path, cache):
+    workdir = str(tmp_path / "run")
+    assert run(tiny(cache, "train.steps=8", "train.stop_after=2"), workdir, devices=one_device()) == 0
+    limit = 2 << 20  # room for a checkpoint file (~0.5 MB), but not for metrics.jsonl to grow past it
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path, "a") as f:  # step-0 rows survive the resume's trimming; fill to 10 bytes short of the cap
+        room = limit - 10 - os.path.getsize(path)
+        row = json.dumps({"step": 0, "note": "x" * 200}) + "\n"
+        f.write(row * (room // len(row) - 1))
+        last = room - len(row) * (room // len(row) - 1)
+        f.write(json.dumps({"step": 0, "note": "x" * (last - len(json.dumps({"step": 0, "note": ""})) - 1)}) + "\n")
+    assert os.path.getsize(path) == limit - 10
+    proc = _limited_run(workdir, cache, limit, "train.steps=8")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("train.py: error: ")]
+    assert line.startswith("train.py: error: could not append step 3 to") and "metrics.jsonl" in line, line
+    load_params(workdir, step=2)  # the checkpoint before the failure still restores
+
+
 def test_too_little_disk_space_stops_before_writing_the_checkpoint(tmp_path, cache, monkeypatch):
     import collections
 
