@@ -21,8 +21,10 @@ is reported as missing rather than sent to the hub.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+import logging
 import os
 import re
 import sysconfig
@@ -212,12 +214,26 @@ def _cache_root(cache_dir: str | None) -> str:
     return os.path.expanduser(cache_dir) if cache_dir else datasets.config.HF_DATASETS_CACHE
 
 
+@contextlib.contextmanager
+def _quiet_datasets_errors():
+    """Silence the `datasets` logger while loading: its loaders log each parse failure (with a traceback)
+    before raising, and we report that failure ourselves as one DataError line."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _load(builder: str, cfg, description: str, **kwargs):
     import datasets
 
     try:
-        return datasets.load_dataset(builder, split="train", streaming=cfg.streaming, cache_dir=cfg.cache_dir,
-                                     **kwargs)
+        with _quiet_datasets_errors():
+            return datasets.load_dataset(builder, split="train", streaming=cfg.streaming, cache_dir=cfg.cache_dir,
+                                         **kwargs)
     except (FileNotFoundError, DataError):
         raise
     except Exception as err:  # datasets wraps parse errors in its own types; name the source instead

@@ -7,6 +7,7 @@ relations between reported fields are deterministic and are.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 
 import jax
@@ -173,8 +174,10 @@ def test_cli_cudnn_without_gpu_is_a_clear_error(capsys):
 
 def test_impls_depend_on_backend():
     assert available_impls("cpu") == ("reference", "xla", "blockwise")
-    assert available_impls("gpu", "bfloat16") == ("reference", "xla", "blockwise", "cudnn")
-    assert available_impls("gpu", "float32") == ("reference", "xla", "blockwise")  # cuDNN has no f32 kernel
+    # pallas_gpu (jax's Pallas Triton flash attention) is listed on a GPU whenever jax ships it; it takes f32 too.
+    pallas = ("pallas_gpu",) if importlib.util.find_spec("jax.experimental.pallas.ops.gpu.attention") else ()
+    assert available_impls("gpu", "bfloat16") == ("reference", "xla", "blockwise", "cudnn", *pallas)
+    assert available_impls("gpu", "float32") == ("reference", "xla", "blockwise", *pallas)  # cuDNN has no f32
     assert check_impls(["cudnn", "blockwise", "cudnn"], backend="gpu", dtype="bfloat16") == ("cudnn", "blockwise")
     with pytest.raises(ValueError, match="'cudnn' needs --dtype bfloat16 or float16"):
         check_impls(["cudnn"], backend="gpu", dtype="float32")

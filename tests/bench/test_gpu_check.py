@@ -21,7 +21,9 @@ FILES = {"parity": ("json", "csv"), "attention": ("json", "csv", "png"), "train"
 
 
 def _run(tmp_path, *args, timeout=600):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # One CPU device, as on a real single-GPU run (the suite's fake 8-device XLA_FLAGS are not passed on).
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out-dir", str(tmp_path), *args],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
