@@ -144,8 +144,8 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
     stop = _StopFlag()
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     progress = _progress(start, cfg.train.steps, enabled=is_main)
-    pending = None  # (step, metrics on device, dispatch time): fetched one step late so dispatch never stalls
-    last_time = time.perf_counter()
+    pending = None  # (step, metrics on device): fetched one step late so dispatch never stalls
+    clock = _StepClock(devices=mesh.size)
     status, step = 0, start
     failed = True
     try:
@@ -153,14 +153,13 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
             batch = runner.put_batch(next(train_data))
             state, metrics = runner.step(state, batch)
             if pending is not None:
-                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt)
+                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt, clock)
                 if status:
                     break
-            pending = (step, metrics, last_time)
-            last_time = time.perf_counter()
+            pending = (step, metrics)
             stopping = step == cfg.train.stop_after or stop.requested()
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stopping:
-                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt)
+                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt, clock)
                 pending = None
                 if status:
                     break
@@ -173,7 +172,7 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
                     break
         else:
             if pending is not None:
-                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt)
+                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt, clock)
         failed = False
     finally:
         progress.close()
@@ -240,15 +239,30 @@ def _stop_on_bad_step(step: int, ckpt: Checkpointer, problem: str) -> int:
     return 1
 
 
-def _report(pending, metrics_path: str, tokens_per_step: int, cfg, progress, ckpt: Checkpointer) -> int:
+class _StepClock:
+    """A step's wall time runs from the previous step's completion to its own (completion = its metrics
+    fetched). With the one-step-late fetch, timing from a step's dispatch would span two steps."""
+
+    def __init__(self, devices: int):
+        self.devices = devices
+        self.last_done = time.perf_counter()  # the first step's time includes its compilation
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.last_done = now - self.last_done, now
+        return elapsed
+
+
+def _report(pending, metrics_path: str, tokens_per_step: int, cfg, progress, ckpt: Checkpointer,
+            clock: _StepClock) -> int:
     """Fetch one step's metrics (blocks until it finished) and log them; returns the exit status so far.
 
     A non-finite loss or gradient, or a batch with no scored token (the step skipped its update for either),
     stops the run with status 1 and a message naming the step.
     """
-    step, metrics, started = pending
+    step, metrics = pending
     host = jax.device_get(metrics)
-    elapsed = time.perf_counter() - started
+    elapsed = clock.lap()
     if not bool(host["finite"]):
         return _stop_on_bad_step(step, ckpt, "non-finite loss or gradient")
     if float(host["tokens"]) <= 0:
@@ -256,7 +270,7 @@ def _report(pending, metrics_path: str, tokens_per_step: int, cfg, progress, ckp
                                              "gave the loss nothing to average; check data.* and the corpus)")
     row = {"step": step, "loss": float(host["loss"]), "lr": float(host["lr"]),
            "grad_norm": float(host["grad_norm"]), "tokens_per_sec": tokens_per_step / elapsed,
-           "step_time_s": elapsed}
+           "tokens_per_sec_per_device": tokens_per_step / elapsed / clock.devices, "step_time_s": elapsed}
     progress.update(1)
     progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}", refresh=False)
     if jax.process_index() == 0 and (step % cfg.train.log_every == 0 or step == cfg.train.steps):

@@ -193,3 +193,54 @@ def test_jaxctx_train_cli(tmp_path, capsys):
     assert "'data': 8" in capsys.readouterr().err
     assert main(["train", "--config", TINY, "--set", "model.d_modl=3"]) == 2
     assert "did you mean 'd_model'" in capsys.readouterr().err
+
+
+def test_step_time_is_each_steps_own_wall_time(tmp_path, monkeypatch):
+    """Measured against an independent clock: consecutive rows' step_time_s equal the wall time between their
+    appends to metrics.jsonl, and they sum to no more than the run's wall time. (Timing each step from its
+    dispatch, with metrics fetched one step late, spanned two steps and halved tokens_per_sec.)"""
+    from jaxctx.train import loop, workdir as workdir_lib
+
+    pause = 0.15  # every step takes at least this long, so a time spanning two steps is off by >= 0.15 s
+    make_runner = loop.make_runner
+
+    def slow_runner(cfg, mesh):
+        runner = make_runner(cfg, mesh)
+        step = runner.step
+
+        def slow_step(state, batch):
+            time.sleep(pause)
+            return step(state, batch)
+
+        runner.step = slow_step
+        return runner
+
+    appended = []
+    append = workdir_lib.append_metrics
+
+    def timed_append(path, row):
+        appended.append(time.perf_counter())
+        append(path, row)
+
+    monkeypatch.setattr(loop, "make_runner", slow_runner)
+    monkeypatch.setattr(workdir_lib, "append_metrics", timed_append)
+    steps = 8
+    started = time.perf_counter()
+    assert run(tiny(f"train.steps={steps}", "train.log_every=1", "train.checkpoint_every=4"), str(tmp_path),
+               devices=jax.devices()[:1]) == 0
+    wall = time.perf_counter() - started
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    times = [r["step_time_s"] for r in rows]
+    between_appends = np.diff(appended)
+    # the code between a fetch and its append is microseconds; a step spanning two would be off by >= pause
+    np.testing.assert_allclose(times[1:], between_appends, atol=0.05)
+    assert steps * pause <= sum(times) <= wall  # every step's pause lies between the clock's start and the last fetch
+    for r in rows:
+        assert r["tokens_per_sec"] == pytest.approx(cfg_tokens_per_step() / r["step_time_s"])
+        assert r["tokens_per_sec_per_device"] == pytest.approx(r["tokens_per_sec"])  # one device
+
+
+def cfg_tokens_per_step():
+    cfg = tiny()
+    return cfg.train.batch_size * cfg.data.seq_len
