@@ -1,11 +1,11 @@
 """Train a jaxctx model: `python train.py [--config FILE] [--workdir DIR] [--set key=value ...]`.
 
-Thin entry point; everything lives in jaxctx.train.loop (also reachable as `jaxctx train`).
+Thin entry point: the command line is jaxctx.train.cli, the job jaxctx.train.loop (also `jaxctx train`).
 """
 
 import sys
 
-from jaxctx.train.loop import main
+from jaxctx.train.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,6 +23,7 @@ import pytest
 
 from jaxctx import cli
 from jaxctx import config as config_lib
+from jaxctx.train import cli as train_cli
 from jaxctx.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -243,7 +244,7 @@ def snapshot(root: str) -> dict:
 
 def run_case(argv: list, capsys) -> tuple[int, str]:
     if argv[0] == "train.py":
-        code = loop.main(argv[1:])
+        code = train_cli.main(argv[1:])
     else:
         code = cli.main(argv[1:])
     return code, capsys.readouterr().err

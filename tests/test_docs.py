@@ -5,7 +5,7 @@
   `configs/` (a workdir's `config.yaml` excepted); every shipped config is listed in the README;
 - every command starting with `jaxctx ` or `python train.py` -- in ```bash blocks, on `$ ` lines of any block,
   and in backticks in tables and prose -- parses with the real parser (`jaxctx.cli.build_parser().parse_args`,
-  `jaxctx.train.loop.parse_args`): an unknown flag, subcommand or choice fails. Only argparse runs;
+  `jaxctx.train.cli.parse_args`): an unknown flag, subcommand or choice fails. Only argparse runs;
 - every `--set section.key=value` key and every backticked `model.KEY` / `data.KEY` / `train.KEY` /
   `parallel.KEY` is a field of its `jaxctx.config.SECTIONS` dataclass;
 - every `jaxctx/...`, `tests/...`, `benchmarks/...` and `.ci/...` path exists (`{a,b}` and `*` expand).
@@ -259,7 +259,7 @@ def command_argvs(text: str) -> list[Command]:
 def _parsers():
     from jaxctx import cli
     from jaxctx.train.cli import add_arguments
-    train_parser = argparse.ArgumentParser(prog="train.py")  # mirror of loop.parse_args, to look actions up
+    train_parser = argparse.ArgumentParser(prog="train.py")  # mirror of train.cli.parse_args, to look actions up
     add_arguments(train_parser)
     return {"jaxctx": cli.build_parser(), "train.py": train_parser}
 
@@ -327,11 +327,11 @@ def prepare_argv(cmd: Command) -> list[str] | None:
 
 
 def parse(cmd: Command, argv: list[str]) -> argparse.Namespace:
-    """The real parse: `jaxctx.cli.build_parser().parse_args` or `jaxctx.train.loop.parse_args`."""
+    """The real parse: `jaxctx.cli.build_parser().parse_args` or `jaxctx.train.cli.parse_args`."""
     if cmd.program == "jaxctx":
         return _parsers()["jaxctx"].parse_args(argv)
-    from jaxctx.train import loop
-    return loop.parse_args(argv)
+    from jaxctx.train import cli as train_cli
+    return train_cli.parse_args(argv)
 
 
 def command_problems(rel: str, text: str) -> list[str]:

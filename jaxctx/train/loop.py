@@ -1,4 +1,4 @@
-"""The training job: `python train.py [--config FILE] [--workdir DIR] [--set key=value ...]`.
+"""The training job behind `python train.py` and `jaxctx train` (their command line is jaxctx.train.cli).
 
 Stages, in order: distributed init -> config -> mesh -> data -> model + optimizer -> state (fresh, resumed or
 `init_from`) -> compiled step -> loop (metrics, checkpoints, signals) -> validation. All I/O lives here; the step
@@ -11,7 +11,6 @@ the data-iterator position is saved with it, continues on exactly the next batch
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import signal
@@ -28,16 +27,9 @@ from jaxctx.errors import WriteError
 from jaxctx.parallel import make_mesh
 from jaxctx.platform import check_platform
 from jaxctx.train import workdir as workdir_lib
-from jaxctx.train.cli import add_arguments
 from jaxctx.train.runner import make_runner
 
 DEFAULT_WORKDIR_ROOT = "workdirs"
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return parser.parse_args(argv)
 
 
 def default_workdir(config_path: str | None) -> str:
@@ -299,22 +291,3 @@ def _progress(start: int, total: int, *, enabled: bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step", dynamic_ncols=True,
                 file=sys.stderr)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    return run_from_args(args)
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Load the config, start the job; a user's mistake is one line on stderr and exit code 2."""
-    from jaxctx.cli import run_guarded
-
-    return run_guarded("train.py", _run_from_args, args)
-
-
-def _run_from_args(args: argparse.Namespace) -> int:
-    cfg = config_lib.load(args.config, args.overrides)
-    maybe_initialize_distributed(cfg.parallel)
-    workdir = args.workdir or default_workdir(args.config)
-    return run(cfg, workdir)
