@@ -218,8 +218,10 @@ def _quiet_failed_write_noise() -> None:
     (Also drops Orbax's notices about read-only managers, which every restore here opens.)
 
     When a write fails (disk full), Orbax's background threads log the error with its traceback (so do the
-    asyncio tasks left unretrieved), and TensorStore callbacks racing the closed event loop print `RuntimeError: Event loop is closed` tracebacks. Both are
-    dropped; every other log record and uncaught exception is left alone.
+    asyncio tasks left unretrieved), and TensorStore callbacks racing the closed event loop report
+    `RuntimeError: Event loop is closed` as unraisable exceptions, dozens of tracebacks that interleave with (and
+    can split) the run's one-line verdict. Both are dropped; every other log record, uncaught or unraisable
+    exception is left alone.
     """
     global _NOISE_FILTER_INSTALLED
     if _NOISE_FILTER_INSTALLED:
@@ -237,14 +239,21 @@ def _quiet_failed_write_noise() -> None:
 
     for name in ("absl", "asyncio"):  # Orbax's threads log via absl; unretrieved asyncio tasks via asyncio
         logging.getLogger(name).addFilter(drop_write_failures)
-    previous = sys.excepthook
+
+    def closed_loop(err) -> bool:
+        return isinstance(err, RuntimeError) and str(err) == "Event loop is closed"
+
+    previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
 
     def excepthook(kind, err, tb):
-        if isinstance(err, RuntimeError) and str(err) == "Event loop is closed":
-            return
-        previous(kind, err, tb)
+        if not closed_loop(err):
+            previous_excepthook(kind, err, tb)
 
-    sys.excepthook = excepthook
+    def unraisablehook(unraisable):  # TensorStore's C++ callback threads report theirs as unraisable
+        if not closed_loop(unraisable.exc_value):
+            previous_unraisablehook(unraisable)
+
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
     _NOISE_FILTER_INSTALLED = True
 
 
