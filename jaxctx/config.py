@@ -22,6 +22,7 @@ from jaxctx.errors import ConfigError  # noqa: F401  (re-exported: callers catch
 
 FAMILIES = ("gpt2", "llama", "bert")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "pallas_gpu", "splash")
+CONTEXT_PARALLEL = ("ring", "all_gather")  # strategies of jaxctx.ops.ring over the `sequence` mesh axis
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = (
     "none",  # no rematerialisation: every activation is stored for the backward pass
@@ -56,6 +57,7 @@ class ModelConfig:
     attention: str = "auto"  # attention kernel: auto | reference | xla | blockwise | cudnn | splash
     attention_block_q: int | None = None  # blockwise query block; None = kernel default
     attention_block_k: int | None = None  # blockwise key block; None = kernel default
+    context_parallel: str = "ring"  # with parallel.sequence > 1: ring (rotate K/V) | all_gather (gather K/V)
     mlp_chunk: int = 0  # run the MLP over sequence chunks of this many tokens under remat; 0 = whole sequence
     loss_chunk: int = 0  # cross-entropy over sequence chunks of this many tokens; 0 = materialise [B,T,V] logits
     scan_layers: bool = True  # stack blocks with nn.scan (fast compile, one compiled layer); False = Python loop
@@ -108,6 +110,7 @@ class ModelConfig:
     def validate(self) -> None:
         _check_choice("model.family", self.family, FAMILIES)
         _check_choice("model.attention", self.attention, ATTENTION_IMPLS)
+        _check_choice("model.context_parallel", self.context_parallel, CONTEXT_PARALLEL)
         _check_choice("model.dtype", self.dtype, DTYPES)
         _check_choice("model.remat_policy", self.remat_policy, REMAT_POLICIES)
         for name in ("num_layers", "num_heads", "d_model", "vocab_size"):
@@ -244,6 +247,7 @@ class ParallelConfig:
     mode: str = "jit"  # jit (sharded over the mesh) | pmap (data parallel)
     data: int = -1  # data-parallel axis size; -1 = all devices left over
     fsdp: int = 1  # parameter/optimizer-state sharding axis size
+    sequence: int = 1  # context-parallel axis size: each sequence split over this many devices (ring attention)
     tensor: int = 1  # tensor (head/MLP) parallel axis size
     coordinator_address: str | None = None  # multi-host: host:port of process 0 (else from the environment)
     num_processes: int | None = None
@@ -251,8 +255,11 @@ class ParallelConfig:
 
     def validate(self) -> None:
         _check_choice("parallel.mode", self.mode, ("jit", "pmap"))
-        for name in ("fsdp", "tensor"):
+        for name in ("fsdp", "sequence", "tensor"):
             _check_positive(f"parallel.{name}", getattr(self, name))
+        if self.mode == "pmap" and self.sequence != 1:
+            raise ConfigError(f"parallel.mode=pmap is data parallel only and cannot split sequences: set "
+                              f"parallel.sequence=1 (got {self.sequence}) or use parallel.mode=jit")
         if self.data != -1:
             _check_positive("parallel.data", self.data)
 
@@ -282,6 +289,7 @@ class Config:
             if size and size > self.data.seq_len:
                 raise ConfigError(f"model.{key}={size} exceeds data.seq_len={self.data.seq_len}; use a block or "
                                   f"chunk no longer than the sequence (or 0/null for the default)")
+        self._validate_context_parallel()
         if self.model.attention == "splash" and self.data.seq_len % 128:
             raise ConfigError(f"model.attention=splash needs data.seq_len divisible by 128, got "
                               f"{self.data.seq_len}; round it to a multiple of 128 or use blockwise")
@@ -290,6 +298,24 @@ class Config:
                 raise ConfigError(
                     f"data.seq_len={self.data.seq_len} exceeds model.max_positions={self.model.max_positions} "
                     f"(the learned position table of {self.model.family}); raise model.max_positions")
+
+    def _validate_context_parallel(self) -> None:
+        """parallel.sequence = N > 1: zigzag needs 2N equal chunks; attention must be the ring; chunks fit a shard."""
+        n, t = self.parallel.sequence, self.data.seq_len
+        if n == 1:
+            return
+        if t % (2 * n):
+            raise ConfigError(f"data.seq_len={t} must be divisible by 2 x parallel.sequence = {2 * n} (the zigzag "
+                              f"layout splits each sequence into {2 * n} equal chunks); use a multiple of {2 * n}")
+        if self.model.attention != "auto":
+            raise ConfigError(f"model.attention={self.model.attention} cannot split a sequence over devices: with "
+                              f"parallel.sequence={n} set model.attention=auto (the ring kernel; "
+                              f"model.context_parallel picks ring or all_gather)")
+        for key in ("mlp_chunk", "loss_chunk"):
+            size = getattr(self.model, key)
+            if size and size > t // n:
+                raise ConfigError(f"model.{key}={size} exceeds the {t // n} tokens each device holds (data.seq_len="
+                                  f"{t} / parallel.sequence={n}); use a chunk of at most {t // n}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

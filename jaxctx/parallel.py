@@ -1,12 +1,14 @@
 """Device mesh, logical-axis rules and the shardings of train state and batches.
 
-The mesh has three axes, sized by `parallel.*` in the config:
-- `data`:   pure data parallelism (params replicated along it);
-- `fsdp`:   data parallelism whose params and optimizer state are sharded over it (ZeRO-3 / FSDP);
-- `tensor`: tensor parallelism over attention heads, MLP hidden units and the vocabulary.
+The mesh has four axes, sized by `parallel.*` in the config:
+- `data`:     pure data parallelism (params replicated along it);
+- `fsdp`:     data parallelism whose params and optimizer state are sharded over it (ZeRO-3 / FSDP);
+- `sequence`: context parallelism: each sequence is split over it, attention runs as a ring (jaxctx.ops.ring);
+- `tensor`:   tensor parallelism over attention heads, MLP hidden units and the vocabulary.
 
 Models name the axes of every parameter and activation logically ("embed", "heads", "activation_batch", ...);
-`LOGICAL_RULES` maps those names to mesh axes. A batch is split over (data, fsdp) together.
+`LOGICAL_RULES` maps those names to mesh axes. A batch's rows are split over (data, fsdp) together and its
+length over `sequence`. No parameter is split over `sequence`, so checkpoints do not depend on it.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxctx.config import ConfigError, ParallelConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 BATCH_AXES = ("data", "fsdp")
+SEQUENCE_AXIS = "sequence"
 
 # Logical axis name -> mesh axis (or None = replicated). Order matters: the first rule whose mesh axis is still
 # free in a given array wins, as in flax.linen.logical_to_mesh_axes.
@@ -39,7 +42,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("token_types", None),
     # activations
     ("activation_batch", BATCH_AXES),
-    ("activation_length", None),
+    ("activation_length", SEQUENCE_AXIS),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", None),  # GQA: Hkv may be smaller than the tensor axis; XLA gathers k/v as needed
@@ -49,24 +52,25 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def mesh_shape(cfg: ParallelConfig, device_count: int) -> tuple[int, int, int]:
-    """(data, fsdp, tensor) sizes; `data=-1` takes whatever the other axes leave. Errors name the numbers."""
-    inner = cfg.fsdp * cfg.tensor
+def mesh_shape(cfg: ParallelConfig, device_count: int) -> tuple[int, int, int, int]:
+    """(data, fsdp, sequence, tensor) sizes; `data=-1` takes whatever the other axes leave. Errors name the
+    numbers."""
+    inner = cfg.fsdp * cfg.sequence * cfg.tensor
     if cfg.data == -1:
         if device_count % inner:
-            raise ConfigError(f"parallel.fsdp={cfg.fsdp} x parallel.tensor={cfg.tensor} = {inner} does not divide "
-                              f"the {device_count} devices")
-        return device_count // inner, cfg.fsdp, cfg.tensor
-    shape = (cfg.data, cfg.fsdp, cfg.tensor)
+            raise ConfigError(f"parallel.fsdp={cfg.fsdp} x parallel.sequence={cfg.sequence} x parallel.tensor="
+                              f"{cfg.tensor} = {inner} does not divide the {device_count} devices")
+        return device_count // inner, cfg.fsdp, cfg.sequence, cfg.tensor
+    shape = (cfg.data, cfg.fsdp, cfg.sequence, cfg.tensor)
     if math.prod(shape) != device_count:
-        raise ConfigError(f"mesh parallel.data x fsdp x tensor = {' x '.join(map(str, shape))} = "
+        raise ConfigError(f"mesh parallel.data x fsdp x sequence x tensor = {' x '.join(map(str, shape))} = "
                           f"{math.prod(shape)} must equal the device count {device_count} (set parallel.data=-1 "
                           f"to fill the rest automatically)")
     return shape
 
 
 def make_mesh(cfg: ParallelConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+    """A (data, fsdp, sequence, tensor) mesh over `devices` (default: all devices of all processes)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(cfg, len(devices))
     if devices == list(jax.devices()):
@@ -78,8 +82,13 @@ def make_mesh(cfg: ParallelConfig, devices: Sequence[jax.Device] | None = None) 
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """[global_batch, seq_len] arrays: rows split over (data, fsdp), the sequence kept whole."""
-    return NamedSharding(mesh, P(BATCH_AXES, None))
+    """[global_batch, seq_len] arrays: rows split over (data, fsdp), the length over `sequence` (whole if 1)."""
+    return NamedSharding(mesh, P(BATCH_AXES, SEQUENCE_AXIS if sequence_size(mesh) > 1 else None))
+
+
+def sequence_size(mesh) -> int:
+    """Size of the mesh's `sequence` axis (1 for a mesh without one, or no mesh: an empty abstract mesh)."""
+    return dict(getattr(mesh, "shape", {})).get(SEQUENCE_AXIS, 1)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

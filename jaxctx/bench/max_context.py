@@ -145,7 +145,7 @@ def run_max_context(mc: MaxContextConfig, *, progress: Callable[[str], None] = l
     # charged to the context).
     base = dataclasses.replace(base, train=dataclasses.replace(base.train, grad_accum=1))
     devices = pick_devices(mc.devices)
-    data, fsdp, _ = mesh_shape(base.parallel, len(devices))
+    data, fsdp, *_ = mesh_shape(base.parallel, len(devices))
     batch = mc.batch if mc.batch is not None else data * fsdp
     remat = mc.remat_policy or base.model.remat_policy
     mlp_chunk = mc.mlp_chunk or base.model.mlp_chunk or DEFAULT_CHUNK

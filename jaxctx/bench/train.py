@@ -122,7 +122,7 @@ def variants(cfg: TrainBenchConfig) -> list[tuple[str, dict[str, Any]]]:
 
 def batch_for(cfg: TrainBenchConfig, base: config_lib.Config, seq_len: int, n_devices: int) -> int:
     """Global batch at `seq_len`: fixed, or tokens_per_step / T; must split over data-parallel x grad_accum."""
-    data, fsdp, _ = mesh_shape(base.parallel, n_devices)
+    data, fsdp, *_ = mesh_shape(base.parallel, n_devices)
     unit = data * fsdp * base.train.grad_accum  # sequences one step must be divisible into
     if cfg.batch is not None:
         batch = cfg.batch

@@ -6,6 +6,9 @@ Conventions (every module here):
   names are visible in one line and the HF converter can map names one to one.
 - Compute happens in `cfg.dtype` (params are cast where used); norms, RoPE angles, softmax and the loss in f32.
 - Main activations are constrained with logical names (`BTE`, `BTHK`, `BTF`), no-ops without a mesh.
+- Context parallelism: under a mesh whose `sequence` axis has N > 1 devices, the model's inputs are in the
+  zigzag layout of `jaxctx.ops.ring` (jaxctx.train.step permutes each batch once), attention is the ring kernel
+  (which masks by original position), and chunked MLPs / losses chunk within each device's T/N tokens.
 - Init follows the HF conventions: normal(initializer_range) kernels and embeddings, zero biases, unit norm
   scales.
 
@@ -30,6 +33,8 @@ from jaxctx.ops.buffers import zeros_like_in_loop
 from jaxctx.ops.feedforward import (blockwise_feedforward, chunked_cross_entropy, project_logits,
                                     token_cross_entropy)
 from jaxctx.ops.norms import layer_norm, rms_norm
+from jaxctx.ops.ring import ring_attention_in_layout, to_layout_index
+from jaxctx.parallel import SEQUENCE_AXIS, sequence_size
 
 # Logical names of the main activations.
 BTE = ("activation_batch", "activation_length", "activation_embed")  # residual stream [B, T, D]
@@ -50,6 +55,35 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
 
 def normal(std: float) -> Callable:
     return nn.initializers.normal(stddev=std)
+
+
+def context_mesh():
+    """The mesh of the enclosing `jax.set_mesh` (an empty abstract mesh outside one)."""
+    return jax.sharding.get_abstract_mesh()
+
+
+def context_parallel_size() -> int:
+    """N of the enclosing mesh's `sequence` axis: > 1 means inputs are in the zigzag layout over N devices."""
+    return sequence_size(context_mesh())
+
+
+def per_sequence_shard(fn: Callable, n: int, *arrays: jax.Array):
+    """fn over each device's contiguous T/N tokens: [B, T, ...] -> [N*B, T/N, ...] -> fn -> back (if an array).
+
+    The shard axis goes first so the folded leading axis is tiled (sequence, batch) without moving data; a
+    chunked op then slices inside every device's tokens at once instead of walking the global (sharded) T.
+    """
+    if n == 1:
+        return fn(*arrays)
+    b, t = arrays[0].shape[:2]
+
+    def fold(x):  # [B, T, ...] -> [N*B, T/N, ...]
+        return x.reshape(b, n, t // n, *x.shape[2:]).swapaxes(0, 1).reshape(n * b, t // n, *x.shape[2:])
+
+    out = fn(*(fold(x) for x in arrays))
+    if isinstance(out, tuple):  # reductions (sums) are order-independent
+        return out
+    return out.reshape(n, b, t // n, *out.shape[2:]).swapaxes(0, 1).reshape(b, t, *out.shape[2:])
 
 
 def make_param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], axes: tuple) -> jax.Array:
@@ -258,8 +292,15 @@ class Attention(nn.Module):
         v = project(self.v_kernel, bias("v_bias"), BTKK)  # [B, T, Hkv, Dh]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, causal=cfg.causal, segment_ids=segment_ids, impl=cfg.attention,
-                        block_q=cfg.attention_block_q, block_k=cfg.attention_block_k)  # [B, T, H, Dh]
+        n = context_parallel_size()
+        if n > 1:  # tokens in zigzag layout, T split over the `sequence` axis; masks by original position
+            positions = jnp.asarray(to_layout_index(q.shape[1], n), jnp.int32)  # [T]
+            out = ring_attention_in_layout(q, k, v, positions, mesh=context_mesh(), axis=SEQUENCE_AXIS,
+                                           causal=cfg.causal, segment_ids=segment_ids, strategy=cfg.context_parallel,
+                                           block_q=cfg.attention_block_q, block_k=cfg.attention_block_k)
+        else:
+            out = attention(q, k, v, causal=cfg.causal, segment_ids=segment_ids, impl=cfg.attention,
+                            block_q=cfg.attention_block_q, block_k=cfg.attention_block_k)  # [B, T, H, Dh]
         out = constrain(out, BTHK)
         y = jnp.einsum("bthk,hkd->btd", out, self.o_kernel.astype(dtype))  # [B, T, D]
         if self.use_bias:
@@ -277,6 +318,13 @@ def gelu_tanh(x):
 
 def gelu_erf(x):
     return jax.nn.gelu(x, approximate=False)  # BERT "gelu"
+
+
+def chunked_mlp(mlp: Callable, x: jax.Array, chunk: int) -> jax.Array:
+    """mlp over sequence chunks (0 = whole); the chunks stay inside each device's tokens (context parallel)."""
+    if chunk == 0:
+        return mlp(x)
+    return per_sequence_shard(lambda y: blockwise_feedforward(mlp, y, chunk=chunk), context_parallel_size(), x)
 
 
 class Mlp(nn.Module):
@@ -309,7 +357,7 @@ class Mlp(nn.Module):
             h = constrain(self.activation(x @ wi + bi), BTF)  # [B, t, F]
             return h @ wo + bo
 
-        return constrain(blockwise_feedforward(mlp, x, chunk=self.cfg.mlp_chunk), BTE)
+        return constrain(chunked_mlp(mlp, x, self.cfg.mlp_chunk), BTE)
 
 
 class SwiGluMlp(nn.Module):
@@ -340,7 +388,7 @@ class SwiGluMlp(nn.Module):
             h = constrain(jax.nn.silu(x @ wg) * (x @ wu), BTF)  # [B, t, F]
             return h @ wo
 
-        return constrain(blockwise_feedforward(mlp, x, chunk=self.cfg.mlp_chunk), BTE)
+        return constrain(chunked_mlp(mlp, x, self.cfg.mlp_chunk), BTE)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -445,6 +493,7 @@ def lm_loss(cfg: ModelConfig, hidden, matrix, bias, layout, targets, weights):
         raise ValueError(f"targets and weights must be [B, T] = {hidden.shape[:2]}, got {targets.shape} and "
                          f"{weights.shape}")
     if cfg.loss_chunk > 0:
-        return chunked_cross_entropy(hidden, matrix, bias, targets, weights, chunk=cfg.loss_chunk,
-                                     head_layout=layout)
+        return per_sequence_shard(
+            lambda h, y, w: chunked_cross_entropy(h, matrix, bias, y, w, chunk=cfg.loss_chunk, head_layout=layout),
+            context_parallel_size(), hidden, targets, weights)
     return token_cross_entropy(lm_logits(hidden, matrix, bias, layout), targets, weights)  # via [B, T, V] f32

@@ -110,7 +110,7 @@ class PmapRunner:
         self.model = models.build(cfg)
         self.optimizer = build_optimizer(cfg.train)
         self.schedule = learning_rate_schedule(cfg.train)
-        self._single = Mesh(np.asarray(self.devices[:1]).reshape(1, 1, 1), MESH_AXES)
+        self._single = Mesh(np.asarray(self.devices[:1]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
         self._abstract, _ = abstract_state(self.model, self.optimizer, cfg.data.seq_len, self._single)
         self._one_device = jax.sharding.SingleDeviceSharding(self.devices[0])
         step = make_pmap_train_step(self.model, self.optimizer, self.schedule, cfg.train.grad_accum)

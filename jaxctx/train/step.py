@@ -7,6 +7,10 @@ the state untouched if the loss or the gradients are not finite (the loop then s
 Batches are dicts of [B, T] arrays (see jaxctx.data.packing): `input_ids`, `targets`, `loss_mask`,
 `segment_ids`, `positions` and, for BERT, `token_type_ids`. The loss is the mean cross-entropy over scored
 tokens: sum(ce * loss_mask) / sum(loss_mask) over the whole global batch, however it is split.
+
+Context parallelism (a mesh `sequence` axis of N > 1 devices): `loss_sums` permutes every [B, T] batch array
+once into the zigzag layout of `jaxctx.ops.ring` before the model (positions travel with their tokens, so
+RoPE and learned positions see the true ones); the loss is a sum over tokens, so it does not depend on order.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+
+from jaxctx.ops.ring import to_layout
+from jaxctx.parallel import sequence_size
 
 MODEL_INPUTS = ("segment_ids", "positions", "token_type_ids")
 
@@ -31,9 +38,24 @@ class TrainState:
 
 def loss_sums(model: nn.Module, params, batch: dict) -> tuple[jax.Array, jax.Array]:
     """(sum of cross-entropy over scored tokens, number of scored tokens) for one batch."""
+    batch = to_sequence_layout(batch, sequence_size(jax.sharding.get_abstract_mesh()))
     kwargs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
     return model.apply({"params": params}, batch["input_ids"], batch["targets"], batch["loss_mask"],
                        method="loss", **kwargs)
+
+
+def to_sequence_layout(batch: dict, n: int) -> dict:
+    """[B, T] arrays in natural order -> the zigzag layout over n devices (n = 1: unchanged).
+
+    Positions are made explicit first (0..T-1 when the batch has none): after the permutation the model could
+    not infer them from the token order.
+    """
+    if n == 1:
+        return batch
+    if "positions" not in batch:
+        b, t = batch["input_ids"].shape
+        batch = {**batch, "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))}
+    return {name: to_layout(x, n, "zigzag", axis=1) for name, x in batch.items()}
 
 
 def _split_micro(batch: dict, accum: int) -> dict:

@@ -34,8 +34,8 @@ UNRESTORABLE = "checkpoints.unrestorable"  # bad steps are moved here (kept for 
 
 # Keys a continued run may change; every other key of the recorded config must match (see the module docstring).
 RESUMABLE_KEYS = {
-    "model": {"attention", "attention_block_q", "attention_block_k", "mlp_chunk", "loss_chunk", "remat_policy",
-              "remat_group_size", "dtype"},  # how the same maths is computed, not what it is
+    "model": {"attention", "attention_block_q", "attention_block_k", "context_parallel", "mlp_chunk", "loss_chunk",
+              "remat_policy", "remat_group_size", "dtype"},  # how the same maths is computed, not what it is
     "data": {"num_proc", "cache_dir"},  # how the same token stream is produced
     "train": {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches",
               "init_from", "stop_after", "learning_rate", "warmup_steps", "decay", "min_lr_ratio", "weight_decay",

@@ -309,8 +309,9 @@ _SPLIT = {
 
 def _mesh_222():
     from jax.sharding import Mesh
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    from jaxctx.parallel import MESH_AXES
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 1, 2), MESH_AXES)  # a jaxctx mesh: sequence = 1
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
     return mesh
 
 
