@@ -38,7 +38,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),  # k/v projections; replicated instead when Hkv does not divide the axis (state.py)
     ("kv", None),
     ("mlp", "tensor"),
-    ("positions", None),
+    ("positions", SEQUENCE_AXIS),  # learned position tables [T, D] grow with the context: split them too
     ("token_types", None),
     # activations
     ("activation_batch", BATCH_AXES),

@@ -138,8 +138,8 @@ def _finish(result: dict, paths) -> None:
 
     print(report.format_report(result))
     if paths:
-        report.save(result, paths["json"])
-        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        written = report.save(result, paths["json"])
+        print("wrote " + ", ".join(str(p) for p in written.values()))
 
 
 def run_attention(args: argparse.Namespace) -> int:
@@ -166,8 +166,8 @@ def run_attention(args: argparse.Namespace) -> int:
     result = run_attention_bench(cfg, progress=progress, on_row=save_partial)
     print(report.format_report(result))
     if paths:
-        report.save(result, paths["json"])
-        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        written = report.save(result, paths["json"])
+        print("wrote " + ", ".join(str(p) for p in written.values()))
     errors = [r for r in result["rows"] if r["status"].startswith("error")]
     return 1 if errors else 0
 
@@ -255,6 +255,9 @@ def _register_max_context(kinds, common: argparse.ArgumentParser) -> None:
                    help="global batch (default: one sequence per data-parallel device)")
     p.add_argument("--buffers", type=int, default=0, metavar="N",
                    help="also list each variant's N largest temp buffers at its max length (XLA buffer report)")
+    p.add_argument("--sequence", default=None, metavar="N,...",
+                   help="context parallelism: search the blockwise variant with each sequence split over N devices "
+                        "(parallel.sequence=N, ring attention), e.g. 1,2,4,8; plots max T against N")
     p.add_argument("--out", metavar="FILE.json", help="save results to FILE.json, plus FILE.csv and FILE.png")
     p.set_defaults(func=run_max_context)
 
@@ -268,6 +271,7 @@ def run_max_context(args: argparse.Namespace) -> int:
         variants=parse_name_list(args.variants) or (), remat_policy=args.remat_policy, mlp_chunk=args.mlp_chunk,
         loss_chunk=args.loss_chunk, granularity=args.granularity, start=args.start, limit=args.limit,
         batch=args.batch, devices=args.devices, buffers=args.buffers,
+        sequence=parse_int_list(args.sequence, "--sequence") if args.sequence else (),
     ).validated()
     paths = report.output_paths(args.out) if args.out else None
     result = run(mc, progress=_progress, on_row=_saver(paths))

@@ -7,6 +7,10 @@ arXiv:2305.19370, Table 2). Three variants of one config, all with the same rema
   memory_efficient  blockwise attention only (Rabe & Staats 2021 / FlashAttention); MLP and loss unchunked
   blockwise         blockwise attention + blockwise (chunked, rematerialised) MLP + chunked cross-entropy
 
+Context parallelism (`--sequence 1,2,4,8`): the blockwise variant is searched once per N with each sequence
+split over N devices (`parallel.sequence=N`, ring attention; N x fsdp x tensor devices, data = 1), so the table
+shows how the per-device-budget context grows with the devices one sequence spans (ideal: N times).
+
 Nothing runs: each probe compiles the real train step ahead of time for abstract inputs and reads
 `memory_analysis()`; a length fits when the compiled total per device -- arguments + outputs - aliased (donated
 state) + temp -- is within the budget. The search doubles T from `start` until a probe does not fit, then bisects
@@ -106,6 +110,7 @@ class MaxContextConfig:
     batch: int | None = None  # global batch; None = one sequence per data-parallel device
     devices: int | None = None
     buffers: int = 0  # list this many of the largest temp slots of each variant at its max length (XLA report)
+    sequence: tuple[int, ...] = ()  # context-parallel sizes to sweep (blockwise variant only); () = config's mesh
 
     def validated(self) -> "MaxContextConfig":
         if not isinstance(self.budget_gb, (int, float)) or isinstance(self.budget_gb, bool) or \
@@ -131,7 +136,20 @@ class MaxContextConfig:
             raise UsageError(f"--limit {self.limit} must be at least --granularity {self.granularity}")
         if not isinstance(self.buffers, int) or self.buffers < 0:
             raise UsageError(f"--buffers must be a non-negative integer, got {self.buffers!r}")
-        return dataclasses.replace(self, variants=tuple(dict.fromkeys(self.variants)), overrides=tuple(self.overrides))
+        for n in self.sequence:
+            if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+                raise UsageError(f"--sequence sizes must be positive integers, got {n!r}")
+        if self.sequence and self.devices is not None:
+            raise UsageError("--sequence picks the devices itself (N x fsdp x tensor for each N); drop --devices")
+        if self.sequence and any(v != "blockwise" for v in self.variants) and self.variants != VARIANTS:
+            raise UsageError("--sequence sweeps the blockwise variant (the ring kernel is blockwise); drop --variants "
+                             "or pass --variants blockwise")
+        if self.sequence and self.granularity % (2 * max(self.sequence)):
+            raise UsageError(f"--granularity {self.granularity} must be divisible by 2 x the largest --sequence "
+                             f"({2 * max(self.sequence)}): the zigzag layout splits T into 2N equal chunks")
+        variants = ("blockwise",) if self.sequence else tuple(dict.fromkeys(self.variants))
+        return dataclasses.replace(self, variants=variants, overrides=tuple(self.overrides),
+                                   sequence=tuple(dict.fromkeys(self.sequence)))
 
 
 def run_max_context(mc: MaxContextConfig, *, progress: Callable[[str], None] = lambda line: None,
@@ -144,22 +162,37 @@ def run_max_context(mc: MaxContextConfig, *, progress: Callable[[str], None] = l
     # gradient accumulation, whose extra gradient buffer -- learned position tables included -- would be
     # charged to the context).
     base = dataclasses.replace(base, train=dataclasses.replace(base.train, grad_accum=1))
-    devices = pick_devices(mc.devices)
-    data, fsdp, *_ = mesh_shape(base.parallel, len(devices))
-    batch = mc.batch if mc.batch is not None else data * fsdp
     remat = mc.remat_policy or base.model.remat_policy
     mlp_chunk = mc.mlp_chunk or base.model.mlp_chunk or DEFAULT_CHUNK
     loss_chunk = mc.loss_chunk or base.model.loss_chunk or DEFAULT_CHUNK
     budget = int(mc.budget_gb * GIB)
 
-    def model_fields(variant: str) -> dict[str, Any]:
-        return {**variant_overrides(variant, mlp_chunk=mlp_chunk, loss_chunk=loss_chunk), "remat_policy": remat,
-                "remat_group_size": base.model.remat_group_size}
+    def model_fields(variant: str, n: int) -> dict[str, Any]:
+        fields = {**variant_overrides(variant, mlp_chunk=mlp_chunk, loss_chunk=loss_chunk), "remat_policy": remat,
+                  "remat_group_size": base.model.remat_group_size}
+        if n > 1:
+            fields["attention"] = "auto"  # the ring kernel: the only attention that splits a sequence
+        return fields
+
+    # One search per (sequence size, variant): the config's own mesh, or each --sequence N on its own devices.
+    searches = []  # (variant, n, config, devices, batch)
+    for n in mc.sequence or (None,):
+        cfg_n = base
+        if n is None:
+            devices = pick_devices(mc.devices)
+        else:
+            parallel = dataclasses.replace(base.parallel, data=1, sequence=n)
+            cfg_n = dataclasses.replace(base, parallel=parallel)
+            devices = pick_devices(n * parallel.fsdp * parallel.tensor)
+        data, fsdp, sequence, _ = mesh_shape(cfg_n.parallel, len(devices))
+        batch = mc.batch if mc.batch is not None else data * fsdp
+        searches += [(variant, sequence, cfg_n, devices, batch) for variant in mc.variants]
 
     # The state alone must fit: params + optimizer state at the smallest length (learned position tables grow
     # with T, so this is a lower bound). Checked up front so a hopeless budget is an error, not a 0 in a table.
+    _, n0, cfg0, devices0, batch0 = searches[0]
     smallest = state_bytes(build_runner(
-        config_at(base, seq_len=mc.granularity, batch=batch, model=model_fields("blockwise")), devices))
+        config_at(cfg0, seq_len=mc.granularity, batch=batch0, model=model_fields("blockwise", n0)), devices0))
     state_total = smallest["params"] + smallest["opt_state"]
     if state_total > budget:
         raise UsageError(f"--budget-gb {mc.budget_gb:g} ({format_bytes(budget)}) is below the parameter + optimizer "
@@ -172,7 +205,7 @@ def run_max_context(mc: MaxContextConfig, *, progress: Callable[[str], None] = l
         "schema_version": SCHEMA_VERSION,
         "complete": False,
         "machine": machine_info(),
-        "config": {**dataclasses.asdict(mc), "devices_used": len(devices), "batch_used": batch,
+        "config": {**dataclasses.asdict(mc), "devices_used": len(devices0), "batch_used": batch0,
                    "remat_policy_used": remat, "mlp_chunk_used": mlp_chunk, "loss_chunk_used": loss_chunk},
         "model_config": dataclasses.asdict(base.model),
         "budget": {"gib": mc.budget_gb, "bytes": budget, "counted": MEMORY_COUNTED},
@@ -180,41 +213,43 @@ def run_max_context(mc: MaxContextConfig, *, progress: Callable[[str], None] = l
                           "applies_to": MEMORY_COUNTED},
         "search": (f"doubling from {mc.start} until a length does not fit, then bisection to a multiple of "
                    f"{mc.granularity} (limit {mc.limit}); AOT compile only, nothing runs"),
-        "variants": {v: model_fields(v) for v in mc.variants},
+        "variants": {v: model_fields(v, n0) for v in mc.variants},
         "state_bytes_per_device": state_total,
         "rows": [],
         "probes": [],
     }
-    for variant in mc.variants:
+    for variant, n, cfg_n, devices, batch in searches:
         memo: dict[int, tuple] = {}  # T -> (CompiledMemory, state bytes)
+        fields = model_fields(variant, n)
+        label = f"{variant} sequence={n}" if mc.sequence else variant
 
-        def fits(t: int, variant=variant, memo=memo) -> bool:
-            cfg = config_at(base, seq_len=t, batch=batch, model=model_fields(variant))
+        def fits(t: int, cfg_n=cfg_n, devices=devices, batch=batch, fields=fields, label=label, memo=memo) -> bool:
+            cfg = config_at(cfg_n, seq_len=t, batch=batch, model=fields)
             program = compile_step(cfg, devices=devices)
             mem = program.memory
             total = mem.total_bytes
             ok = total is not None and total <= budget
             memo[t] = (mem, program.state_bytes)  # not the program itself: compiled executables are large
-            probe_row = {"variant": variant, "seq_len": t, "fits": ok, "total_bytes": total,
-                         "total_gib": None if total is None else sig(total / GIB, 4),
+            probe_row = {"variant": variant, "label": label, "sequence": n, "seq_len": t, "fits": ok,
+                         "total_bytes": total, "total_gib": None if total is None else sig(total / GIB, 4),
                          "temp_gib": None if mem.temp_bytes is None else sig(mem.temp_bytes / GIB, 4),
                          "argument_gib": None if mem.argument_bytes is None else sig(mem.argument_bytes / GIB, 4),
                          "compile_s": round(program.compile_s, 2)}
             result["probes"].append(probe_row)
-            progress(f"  {variant:>16} T={t:<8} {format_bytes(total) if total is not None else '?':>10} "
+            progress(f"  {label:>16} T={t:<8} {format_bytes(total) if total is not None else '?':>10} "
                      f"{'fits' if ok else 'over'} budget ({program.compile_s:.1f}s compile)")
             return ok
 
-        progress(f"{variant}: searching (remat={remat}, {model_fields(variant)}) ...")
+        progress(f"{label}: searching on {len(devices)} device(s) (remat={remat}, {fields}) ...")
         found = search_max_len(fits, start=mc.start, granularity=mc.granularity, limit=mc.limit)
-        row = _row(variant, found, memo, model_fields(variant), batch)
+        row = {"label": label, **_row(variant, found, memo, fields, batch), "sequence": n, "devices": len(devices)}
         if mc.buffers and found.max_seq_len:
-            cfg = config_at(base, seq_len=found.max_seq_len, batch=batch, model=model_fields(variant))
+            cfg = config_at(cfg_n, seq_len=found.max_seq_len, batch=batch, model=fields)
             _, slots = compile_with_report(cfg, devices=devices, top=mc.buffers)
             row["top_temp_buffers"] = [{"mib": mib(s["bytes"]), "values": s["values"], "shapes": s["shapes"]}
                                        for s in slots]
         result["rows"].append(row)
-        progress(f"{variant}: max_seq_len {row['max_seq_len']} ({row['total_gib']} GiB)")
+        progress(f"{label}: max_seq_len {row['max_seq_len']} ({row['total_gib']} GiB)")
         on_row(result)
     result["ratios"] = ratios(result["rows"])
     result["complete"] = True
@@ -254,7 +289,13 @@ def _row(variant: str, found: SearchResult, memo: dict, fields: dict, batch: int
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float | None]:
-    """blockwise / vanilla and blockwise / memory_efficient max lengths (the BPT paper's comparison)."""
+    """blockwise / vanilla and blockwise / memory_efficient max lengths (the BPT paper's comparison); with a
+    --sequence sweep, each N's blockwise max length over the N = 1 one (ideal: N)."""
+    by_n = {r["sequence"]: r["max_seq_len"] for r in rows if r["variant"] == "blockwise"}
+    if len(by_n) > 1:
+        one = by_n.get(1)
+        return {f"blockwise_sequence_{n}_over_1": sig(t / one, 4) if one else None for n, t in by_n.items()
+                if n != 1}
     by = {r["variant"]: r["max_seq_len"] for r in rows}
     out = {}
     for other in ("vanilla", "memory_efficient"):

@@ -94,7 +94,9 @@ LAYOUTS: dict[str, Layout] = {
     ),
     "max-context": Layout(
         columns=(
-            Column("variant", "variant"),
+            Column("label", "variant"),
+            Column("sequence", "sequence"),
+            Column("devices", "devices"),
             Column("max_seq_len", "max T"),
             Column("total_gib", "total GiB", _f(2)),
             Column("temp_gib", "temp GiB", _f(2)),
@@ -107,7 +109,7 @@ LAYOUTS: dict[str, Layout] = {
             Column("limited_by", "limited by"),
         ),
         panels=(Panel("total_gib", "compiled memory per device (GiB)"),),
-        x="seq_len", x_label="sequence length T (probes)", series="variant", budget_panel="total_gib",
+        x="seq_len", x_label="sequence length T (probes)", series="label", budget_panel="total_gib",
         budget_unit=GIB, plot_rows="probes",
     ),
 }
@@ -240,14 +242,14 @@ def write_plot(path: str | os.PathLike, result: dict[str, Any]) -> None:
 
     layout = _layout(result)
     rows = result[layout.plot_rows]
-    series = list(dict.fromkeys(r[layout.series] for r in rows))
+    series = list(dict.fromkeys(_series(r, layout) for r in rows))
     fig = Figure(figsize=(max(8, 6 * len(layout.panels)), 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(layout.panels), squeeze=False)[0]
     for ax, panel in zip(axes, layout.panels):
         for name in series:
             points = [(r[layout.x], r[panel.key]) for r in rows
-                      if r[layout.series] == name and _is_number(r.get(panel.key))]
+                      if _series(r, layout) == name and _is_number(r.get(panel.key))]
             if points:
                 xs, ys = zip(*sorted(points))
                 ax.plot(xs, ys, marker="o", label=str(name))
@@ -278,14 +280,53 @@ def write_plot(path: str | os.PathLike, result: dict[str, Any]) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _series(row: dict[str, Any], layout: Layout) -> Any:
+    """The row's series value (max-context results saved before `label` existed name the variant only)."""
+    return row.get(layout.series, row.get("variant"))
+
+
+def write_scaling_plot(path: str | os.PathLike, result: dict[str, Any]) -> bool:
+    """max-context --sequence sweeps: max context per device budget against the devices one sequence spans,
+    with the ideal (N x the N = 1 length). Returns False (and writes nothing) for other results."""
+    rows = sorted((r for r in result.get("rows", []) if r.get("sequence") and r.get("max_seq_len")),
+                  key=lambda r: r["sequence"])
+    if result.get("bench") != "max-context" or len(rows) < 2 or rows[0]["sequence"] != 1:
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ns = [r["sequence"] for r in rows]
+    ax.plot(ns, [r["max_seq_len"] for r in rows], marker="o", label="blockwise + ring (measured)")
+    ax.plot(ns, [rows[0]["max_seq_len"] * n for n in ns], linestyle="--", color="grey", label="ideal: N x (N = 1)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.minorticks_off()
+    ax.set_xlabel("devices per sequence (parallel.sequence)")
+    ax.set_ylabel(f"max context T at {result['budget']['gib']:g} GiB per device")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.suptitle(f"jaxctx bench max-context --sequence: {machine_summary(result['machine'])}", fontsize=9)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def save(result: dict[str, Any], out: str | os.PathLike) -> dict[str, pathlib.Path]:
-    """Write FILE.json, FILE.csv and FILE.png; return their paths."""
+    """Write FILE.json, FILE.csv and FILE.png (and FILE-scaling.png for a --sequence sweep); return their paths."""
     paths = output_paths(out)
     write_json(paths["json"], result)
     write_csv(paths["csv"], result)
     write_plot(paths["png"], result)
+    scaling = paths["png"].with_name(paths["png"].stem + "-scaling.png")
+    if write_scaling_plot(scaling, result):
+        paths = {**paths, "scaling_png": scaling}
     return paths

@@ -41,7 +41,8 @@ def config_at(cfg: Config, *, seq_len: int, batch: int, model: dict[str, Any] | 
 
     Sets data.seq_len and train.batch_size; for learned positions (gpt2, bert) also model.max_positions = seq_len,
     the table a model trained at that length has. `model` overrides further ModelConfig fields (bench variants).
-    Attention blocks and MLP/loss chunks longer than seq_len are clamped to it (the kernels would do the same).
+    Attention blocks and MLP/loss chunks longer than a device's share of seq_len (all of it unless
+    parallel.sequence > 1) are clamped to it (the kernels would do the same).
     The jit path is always measured (parallel.mode=jit): pmap runs the same per-device program.
     """
     if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len <= 0:
@@ -57,8 +58,9 @@ def config_at(cfg: Config, *, seq_len: int, batch: int, model: dict[str, Any] | 
     model_cfg = dataclasses.replace(cfg.model, **model_changes)
     # A block or chunk longer than T acts as T (the kernels clamp it), but the config rejects it: clamp here so
     # one setting serves a whole sweep of lengths.
-    model_cfg = dataclasses.replace(model_cfg, **{k: seq_len for k in CLAMPED_TO_SEQ_LEN
-                                                  if (getattr(model_cfg, k) or 0) > seq_len})
+    local = seq_len // cfg.parallel.sequence  # tokens per device along the sequence axis
+    model_cfg = dataclasses.replace(model_cfg, **{k: local for k in CLAMPED_TO_SEQ_LEN
+                                                  if (getattr(model_cfg, k) or 0) > local})
     new = dataclasses.replace(
         cfg,
         model=model_cfg,

@@ -234,33 +234,95 @@ def ring_attention_in_layout(q, k, v, positions, *, mesh, axis: str = "sequence"
 def _context_parallel(q, k, v, positions, q_seg, k_seg, *, mesh, axis, n, causal, strategy, bq, bk,
                       sorted_positions):
     """q [B, T, H, D], k/v [B, T, Hkv, D], positions [P, T], q_seg/k_seg [B, T] or None; T in layout order."""
+    statics = _Statics(mesh, axis, n, causal, strategy, bq, bk, sorted_positions)
+    return _attend(q, k, v, positions, q_seg, k_seg, statics)
+
+
+class _Statics(tuple):
+    """The hashable, non-differentiable settings of one context-parallel call."""
+
+    def __new__(cls, mesh, axis, n, causal, strategy, bq, bk, sorted_positions):
+        return super().__new__(cls, (mesh, axis, n, causal, strategy, bq, bk, sorted_positions))
+
+    mesh, axis, n, causal, strategy, bq, bk, sorted_positions = (property(lambda self, i=i: self[i]) for i in range(8))
+
+
+# The custom VJP sits *outside* the shard_map (forward and backward are each one shard_map): a custom_vjp
+# inside a shard_map inside a scan over layers (nn.scan) is differentiated through instead, which stacks the
+# forward loop's per-block residuals -- [N-1, blocks, blocks, ..., block, block] -- terabytes at 1M tokens.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attend(q, k, v, positions, q_seg, k_seg, st):
+    return _attend_fwd(q, k, v, positions, q_seg, k_seg, st)[0]
+
+
+def _attend_fwd(q, k, v, positions, q_seg, k_seg, st):
     has_seg = q_seg is not None
-    segs = (q_seg, k_seg) if has_seg else ()
 
     def body(q, k, v, pos, *segs):
         # Per device: q [B, Tl, H, D], k/v [B, Tl, Hkv, D], pos [P, Tl], segs [B, Tl] (Tl = T / N).
         b, tl, h, d = q.shape
-        hkv = k.shape[2]
-        q_seg, k_seg = segs if has_seg else (None, None)
-        tl_pad = round_up(tl, math.lcm(bq, bk))
-        if tl_pad != tl:
-            # Only the in-layout form gets here: pad this device's tokens; padded keys get a segment of
-            # their own, padded positions repeat the last one (keeps the block ranges tight).
-            if q_seg is None:
-                q_seg = k_seg = jnp.zeros((b, tl), jnp.int32)
-            q_seg = jnp.pad(q_seg, ((0, 0), (0, tl_pad - tl)), constant_values=PAD_QUERY_SEGMENT)
-            k_seg = jnp.pad(k_seg, ((0, 0), (0, tl_pad - tl)), constant_values=PAD_KEY_SEGMENT)
-            pos = jnp.pad(pos, ((0, 0), (0, tl_pad - tl)), mode="edge")
-            q, k, v = (jnp.pad(x, ((0, 0), (0, tl_pad - tl), (0, 0), (0, 0))) for x in (q, k, v))
-        qg = q.reshape(b, tl_pad, hkv, h // hkv, d)  # [B, Tl, Hkv, G, D]: each k/v head serves G query heads
-        fn = _ring if strategy == "ring" else _gathered
-        out = fn(qg, k, v, pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions)
-        return out[:, :tl].reshape(b, tl, h, d)
+        qg, k, v, pos, qs, ks = _local_inputs(q, k, v, pos, segs, st)
+        fwd = _ring_forward if st.strategy == "ring" else _gathered_forward
+        out, lse = fwd(qg, k, v, pos, pos, qs, ks, st.axis, st.n, st.causal, st.bq, st.bk, st.sorted_positions)
+        return out[:, :tl].reshape(b, tl, h, d), lse  # out [B, Tl, H, D]; lse [B, Hkv, G, Tl_pad] f32
 
-    spec = P(None, axis)  # only the length axis is manual; batch/head shardings stay with the compiler
-    f = jax.shard_map(body, mesh=mesh, in_specs=(spec,) * (4 + len(segs)), out_specs=spec,
-                      axis_names=frozenset({axis}), check_vma=False)
-    return f(q, k, v, positions, *segs)
+    segs = (q_seg, k_seg) if has_seg else ()
+    spec = P(None, st.axis)  # only the length axis is manual; batch/head shardings stay with the compiler
+    f = jax.shard_map(body, mesh=st.mesh, in_specs=(spec,) * (4 + len(segs)),
+                      out_specs=(spec, P(None, None, None, st.axis)), axis_names=frozenset({st.axis}),
+                      check_vma=False)
+    out, lse = f(q, k, v, positions, *segs)
+    return out, (q, k, v, positions, q_seg, k_seg, out, lse)
+
+
+def _attend_bwd(st, res, d_out):
+    q, k, v, positions, q_seg, k_seg, out, lse = res
+    has_seg = q_seg is not None
+
+    def body(q, k, v, pos, out, lse, d_out, *segs):
+        b, tl, h, d = q.shape
+        qg, k_p, v_p, pos, qs, ks = _local_inputs(q, k, v, pos, segs, st)
+        hkv, tl_pad = k_p.shape[2], k_p.shape[1]
+
+        def like_q(x):  # [B, Tl, H, D] -> [B, Tl_pad, Hkv, G, D]; padded rows get zero output and cotangent
+            x = jnp.pad(x, ((0, 0), (0, tl_pad - tl), (0, 0), (0, 0))) if tl_pad != tl else x
+            return x.reshape(b, tl_pad, hkv, h // hkv, d)
+
+        bwd = _ring_backward if st.strategy == "ring" else _gathered_backward
+        dq, dk, dv = bwd(qg, k_p, v_p, pos, pos, qs, ks, like_q(out), lse, like_q(d_out), st.axis, st.n, st.causal,
+                         st.bq, st.bk, st.sorted_positions)
+        return (dq[:, :tl].reshape(b, tl, h, d).astype(q.dtype), dk[:, :tl].astype(k.dtype),
+                dv[:, :tl].astype(v.dtype))
+
+    segs = (q_seg, k_seg) if has_seg else ()
+    spec = P(None, st.axis)
+    f = jax.shard_map(body, mesh=st.mesh, in_specs=(spec,) * 4 + (spec, P(None, None, None, st.axis), spec)
+                      + (spec,) * len(segs), out_specs=(spec, spec, spec), axis_names=frozenset({st.axis}),
+                      check_vma=False)
+    dq, dk, dv = f(q, k, v, positions, out, lse, d_out, *segs)
+    return dq, dk, dv, None, None, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def _local_inputs(q, k, v, pos, segs, st):
+    """One device's inputs padded to its blocks: q [B, Tl_pad, Hkv, G, D], k/v [B, Tl_pad, Hkv, D], pos, segs."""
+    b, tl, h, d = q.shape
+    hkv = k.shape[2]
+    q_seg, k_seg = segs if segs else (None, None)
+    tl_pad = round_up(tl, math.lcm(st.bq, st.bk))
+    if tl_pad != tl:
+        # Only the in-layout form gets here: pad this device's tokens; padded keys get a segment of their own,
+        # padded positions repeat the last one (keeps the block ranges tight).
+        if q_seg is None:
+            q_seg = k_seg = jnp.zeros((b, tl), jnp.int32)
+        q_seg = jnp.pad(q_seg, ((0, 0), (0, tl_pad - tl)), constant_values=PAD_QUERY_SEGMENT)
+        k_seg = jnp.pad(k_seg, ((0, 0), (0, tl_pad - tl)), constant_values=PAD_KEY_SEGMENT)
+        pos = jnp.pad(pos, ((0, 0), (0, tl_pad - tl)), mode="edge")
+        q, k, v = (jnp.pad(x, ((0, 0), (0, tl_pad - tl), (0, 0), (0, 0))) for x in (q, k, v))
+    qg = q.reshape(b, tl_pad, hkv, h // hkv, d)  # [B, Tl, Hkv, G, D]: each k/v head serves G query heads
+    return qg, k, v, pos, q_seg, k_seg
 
 
 def _rotate(x, axis, n):
@@ -332,26 +394,6 @@ def _ring_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse, d_out, axis, n
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
-def _ring(q, k, v, q_pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions):
-    return _ring_forward(q, k, v, q_pos, q_pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions)[0]
-
-
-def _ring_fwd(q, k, v, q_pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions):
-    out, lse = _ring_forward(q, k, v, q_pos, q_pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions)
-    return out, (q, k, v, q_pos, q_seg, k_seg, out, lse)
-
-
-def _ring_bwd(axis, n, causal, bq, bk, sorted_positions, res, d_out):
-    q, k, v, q_pos, q_seg, k_seg, out, lse = res
-    dq, dk, dv = _ring_backward(q, k, v, q_pos, q_pos, q_seg, k_seg, out, lse, d_out, axis, n, causal, bq, bk,
-                                sorted_positions)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
-
-
-_ring.defvjp(_ring_fwd, _ring_bwd)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # strategy="all_gather"
 # ----------------------------------------------------------------------------------------------------------
@@ -360,27 +402,18 @@ def _gather(x, axis):
     return None if x is None else lax.all_gather(x, axis, axis=1, tiled=True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
-def _gathered(q, k, v, q_pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions):
-    return _gathered_fwd(q, k, v, q_pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions)[0]
+def _gathered_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions):
+    """Local queries against K/V of the whole sequence (Hkv heads, gathered): out, lse. Nothing O(T) is
+    saved: the backward gathers K/V again."""
+    return chunk_forward(q, _gather(k, axis), _gather(v, axis), q_pos, _gather(k_pos, axis), q_seg,
+                         _gather(k_seg, axis), causal=causal, bq=bq, bk=bk, sorted_positions=sorted_positions)
 
 
-def _gathered_fwd(q, k, v, q_pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions):
-    # K/V of the whole sequence (Hkv heads): [B, T, Hkv, D]; positions and segment ids gathered alike.
-    out, lse = chunk_forward(q, _gather(k, axis), _gather(v, axis), q_pos, _gather(q_pos, axis), q_seg,
-                             _gather(k_seg, axis), causal=causal, bq=bq, bk=bk, sorted_positions=sorted_positions)
-    # Only local tensors are saved: the backward gathers K/V again rather than keeping O(T) per layer.
-    return out, (q, k, v, q_pos, q_seg, k_seg, out, lse)
-
-
-def _gathered_bwd(axis, n, causal, bq, bk, sorted_positions, res, d_out):
-    q, k, v, q_pos, q_seg, k_seg, out, lse = res
-    dq, dk, dv = chunk_backward(q, _gather(k, axis), _gather(v, axis), q_pos, _gather(q_pos, axis), q_seg,
+def _gathered_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse, d_out, axis, n, causal, bq, bk,
+                       sorted_positions):
+    dq, dk, dv = chunk_backward(q, _gather(k, axis), _gather(v, axis), q_pos, _gather(k_pos, axis), q_seg,
                                 _gather(k_seg, axis), lse, softmax_delta(out, d_out), d_out, causal=causal,
                                 bq=bq, bk=bk, sorted_positions=sorted_positions)
     # Every device holds partial dK/dV for the whole sequence: sum them onto the owners, in f32.
     dk, dv = (lax.psum_scatter(x, axis, scatter_dimension=1, tiled=True) for x in (dk, dv))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
-
-
-_gathered.defvjp(_gathered_fwd, _gathered_bwd)
+    return dq, dk, dv
