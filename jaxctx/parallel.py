@@ -81,6 +81,23 @@ def make_mesh(cfg: ParallelConfig, devices: Sequence[jax.Device] | None = None) 
                 axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+def check_rows_per_process(mesh: Mesh) -> None:
+    """Each process feeds its own rows (jaxctx.data splits documents by process), so no batch row may live on
+    devices of two processes: a ConfigError when the sequence (x tensor) axes span processes."""
+    if jax.process_count() == 1:
+        return
+    devices = np.asarray(mesh.devices)  # [data, fsdp, sequence, tensor]
+    rows = devices.reshape(mesh.shape["data"] * mesh.shape["fsdp"], -1)
+    for group in rows:
+        owners = {d.process_index for d in group}
+        if len(owners) > 1:
+            raise ConfigError(f"parallel.sequence={mesh.shape[SEQUENCE_AXIS]} x parallel.tensor="
+                              f"{mesh.shape['tensor']} spans processes {sorted(owners)}: a sequence split over "
+                              f"hosts is not supported yet (each process feeds its own rows); keep "
+                              f"parallel.sequence x parallel.tensor <= the {jax.local_device_count()} devices "
+                              f"of one process")
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """[global_batch, seq_len] arrays: rows split over (data, fsdp), the length over `sequence` (whole if 1)."""
     return NamedSharding(mesh, P(BATCH_AXES, SEQUENCE_AXIS if sequence_size(mesh) > 1 else None))

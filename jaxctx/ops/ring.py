@@ -257,6 +257,11 @@ def _attend(q, k, v, positions, q_seg, k_seg, st):
 
 def _attend_fwd(q, k, v, positions, q_seg, k_seg, st):
     has_seg = q_seg is not None
+    # Positions and segment ids are the same for every layer. Under a scan over layers, autodiff would hoist
+    # everything computed from them alone (every (ring step, q block, k block) mask: [N-1, Tl/bq, Tl/bk, ...,
+    # bq, bk]) out of the loop as saved residuals -- terabytes at 1M tokens. Tying them to q keeps the masks
+    # inside the loop, computed block by block.
+    q, positions, q_seg, k_seg = lax.optimization_barrier((q, positions, q_seg, k_seg))
 
     def body(q, k, v, pos, *segs):
         # Per device: q [B, Tl, H, D], k/v [B, Tl, Hkv, D], pos [P, Tl], segs [B, Tl] (Tl = T / N).

