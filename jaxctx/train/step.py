@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxctx.ops.ring import to_layout
-from jaxctx.parallel import sequence_size
+from jaxctx.parallel import LOGICAL_RULES, sequence_size
 
 MODEL_INPUTS = ("segment_ids", "positions", "token_type_ids")
 
@@ -38,10 +38,20 @@ class TrainState:
 
 def loss_sums(model: nn.Module, params, batch: dict) -> tuple[jax.Array, jax.Array]:
     """(sum of cross-entropy over scored tokens, number of scored tokens) for one batch."""
-    batch = to_sequence_layout(batch, sequence_size(jax.sharding.get_abstract_mesh()))
+    n = sequence_size(jax.sharding.get_abstract_mesh())
+    batch = to_sequence_layout(batch, n)
     kwargs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
-    return model.apply({"params": params}, batch["input_ids"], batch["targets"], batch["loss_mask"],
-                       method="loss", **kwargs)
+
+    def apply():
+        return model.apply({"params": params}, batch["input_ids"], batch["targets"], batch["loss_mask"],
+                           method="loss", **kwargs)
+
+    if n == 1:
+        return apply()
+    # Split sequences: the models' logical activation constraints must hold, or XLA may keep an activation
+    # (the embeddings: a gathered [T, D] position table) whole on every device.
+    with nn.logical_axis_rules(LOGICAL_RULES):
+        return apply()
 
 
 def to_sequence_layout(batch: dict, n: int) -> dict:
