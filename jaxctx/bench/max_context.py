@@ -291,7 +291,7 @@ def _row(variant: str, found: SearchResult, memo: dict, fields: dict, batch: int
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     """blockwise / vanilla and blockwise / memory_efficient max lengths (the BPT paper's comparison); with a
     --sequence sweep, each N's blockwise max length over the N = 1 one (ideal: N)."""
-    by_n = {r["sequence"]: r["max_seq_len"] for r in rows if r["variant"] == "blockwise"}
+    by_n = {r.get("sequence", 1): r["max_seq_len"] for r in rows if r["variant"] == "blockwise"}
     if len(by_n) > 1:
         one = by_n.get(1)
         return {f"blockwise_sequence_{n}_over_1": sig(t / one, 4) if one else None for n, t in by_n.items()
