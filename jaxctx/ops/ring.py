@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -238,18 +239,21 @@ def _context_parallel(q, k, v, positions, q_seg, k_seg, *, mesh, axis, n, causal
     return _attend(q, k, v, positions, q_seg, k_seg, statics)
 
 
-class _Statics(tuple):
+class _Statics(NamedTuple):
     """The hashable, non-differentiable settings of one context-parallel call."""
 
-    def __new__(cls, mesh, axis, n, causal, strategy, bq, bk, sorted_positions):
-        return super().__new__(cls, (mesh, axis, n, causal, strategy, bq, bk, sorted_positions))
+    mesh: Any
+    axis: str
+    n: int
+    causal: bool
+    strategy: str
+    bq: int
+    bk: int
+    sorted_positions: bool
 
-    mesh, axis, n, causal, strategy, bq, bk, sorted_positions = (property(lambda self, i=i: self[i]) for i in range(8))
 
-
-# The custom VJP sits *outside* the shard_map (forward and backward are each one shard_map): a custom_vjp
-# inside a shard_map inside a scan over layers (nn.scan) is differentiated through instead, which stacks the
-# forward loop's per-block residuals -- [N-1, blocks, blocks, ..., block, block] -- terabytes at 1M tokens.
+# One custom VJP around the whole context-parallel call; its forward and backward are each one shard_map over
+# the axis (the forward saves only the local inputs, the output and the lse).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _attend(q, k, v, positions, q_seg, k_seg, st):
     return _attend_fwd(q, k, v, positions, q_seg, k_seg, st)[0]
