@@ -45,8 +45,11 @@ class EncoderBlock(nn.Module):
         self.mlp = Mlp(self.cfg, activation=gelu_erf)
         self.mlp_norm = LayerNorm(self.cfg)
 
-    def __call__(self, x, segment_ids, rope):
+    def __call__(self, x, segment_ids, rope, cache=None):
         del rope  # BERT has learned absolute positions
+        if cache is not None:
+            raise ValueError("BERT is an encoder: it has no key/value cache (generation needs model.family "
+                             "gpt2 or llama)")
         x = self.attn_norm(x + self.attn(x, segment_ids, None))  # [B, T, D]
         x = self.mlp_norm(x + self.mlp(x))
         return constrain(x, BTE), None  # (scan carry, no per-layer output)

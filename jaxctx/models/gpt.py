@@ -62,10 +62,15 @@ class DecoderBlock(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = Mlp(cfg, activation=gelu_tanh, out_std=out_std) if gpt2 else SwiGluMlp(cfg)
 
-    def __call__(self, x, segment_ids, rope):
-        x = x + self.attn(self.attn_norm(x), segment_ids, rope)  # [B, T, D]
+    def __call__(self, x, segment_ids, rope, cache=None):
+        kv = None
+        if cache is None:
+            y = self.attn(self.attn_norm(x), segment_ids, rope)
+        else:  # generation: the layer's new keys/values [B, T, Hkv, Dh] are the scan's per-layer output
+            y, kv = self.attn(self.attn_norm(x), segment_ids, rope, cache)
+        x = x + y  # [B, T, D]
         x = x + self.mlp(x, norm=self.mlp_norm.as_function())  # the norm runs per MLP chunk
-        return constrain(x, BTE), None  # (scan carry, no per-layer output)
+        return constrain(x, BTE), kv
 
 
 class LMHead(nn.Module):
@@ -79,7 +84,8 @@ class LMHead(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """GPT-2 or LLaMA (cfg.family). Methods: __call__ -> logits, loss -> (loss_sum, weight_sum), hidden."""
+    """GPT-2 or LLaMA (cfg.family). Methods: __call__ -> logits, loss -> (loss_sum, weight_sum), hidden, extend
+    (a generation step with a key/value cache)."""
 
     cfg: ModelConfig
 
@@ -97,6 +103,19 @@ class CausalLM(nn.Module):
 
     def hidden(self, input_ids, segment_ids=None, positions=None, token_type_ids=None):
         """Final-norm hidden states [B, T, D] in the compute dtype."""
+        return self._trunk(input_ids, segment_ids, positions, token_type_ids)
+
+    def extend(self, input_ids, positions, cache, segment_ids=None):
+        """One generation step: (last-position logits [B, V] f32, (k, v) [L, B, T, Hkv, Dh]).
+
+        cache: `kv_cache.PrefillCache()` (the prompt, with padding as its own segment in segment_ids) or a
+        `kv_cache.DecodeCache` (tokens at slots [index, index + T) attending to the cache). Only the last
+        position is projected to the vocabulary: a long prompt never makes [B, T, V] logits.
+        """
+        h, kv = self._trunk(input_ids, segment_ids, positions, None, cache=cache)
+        return lm_logits(h[:, -1:], *self.head())[:, 0], kv
+
+    def _trunk(self, input_ids, segment_ids, positions, token_type_ids, cache=None):
         cfg = self.cfg
         if token_type_ids is not None:
             raise ValueError(f"token_type_ids is a BERT input; model.family={cfg.family} takes none")
@@ -109,8 +128,10 @@ class CausalLM(nn.Module):
             inv_freq = rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling, cfg.max_positions)
             rope = rope_cos_sin(positions, inv_freq)  # cos, sin [B, T, 1, Dh], shared by every layer
         x = constrain(x, BTE)
-        x = run_layers(self.layers, x, segment_ids, rope, cfg=cfg, block_cls=DecoderBlock)
-        return self.final_norm(x)
+        if cache is None:
+            return self.final_norm(run_layers(self.layers, x, segment_ids, rope, cfg=cfg, block_cls=DecoderBlock))
+        x, kv = run_layers(self.layers, x, segment_ids, rope, cfg=cfg, block_cls=DecoderBlock, cache=cache)
+        return self.final_norm(x), kv
 
     def head(self):
         """(matrix, bias, layout) of the output projection, as `jaxctx.ops` cross-entropy functions take it."""

@@ -30,9 +30,11 @@ import numpy as np
 from jaxctx.config import ModelConfig
 from jaxctx.ops import attention
 from jaxctx.ops.buffers import zeros_like_in_loop
+from jaxctx.ops.decode import cached_attention
 from jaxctx.ops.feedforward import (blockwise_feedforward, chunked_cross_entropy, project_logits,
                                     token_cross_entropy)
 from jaxctx.ops.norms import layer_norm, rms_norm
+from jaxctx.models.kv_cache import DecodeCache, layer_cache
 from jaxctx.ops.ring import ring_attention_in_layout, to_layout_index
 from jaxctx.parallel import SEQUENCE_AXIS, sequence_size
 
@@ -275,7 +277,8 @@ class Attention(nn.Module):
             self.v_bias = make_param(self, "v_bias", zeros, (hkv, dh), ("kv_heads", "kv"))
             self.o_bias = make_param(self, "o_bias", zeros, (d,), ("embed",))
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None, rope: tuple | None) -> jax.Array:
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None, rope: tuple | None, cache=None):
+        """x [B, T, D] -> y [B, T, D]; with a cache (`jaxctx.models.kv_cache`) -> (y, (k, v) [B, T, Hkv, Dh])."""
         cfg, dtype = self.cfg, compute_dtype(self.cfg)
 
         def project(kernel, bias, names):
@@ -293,7 +296,12 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         n = context_parallel_size()
-        if n > 1:  # tokens in zigzag layout, T split over the `sequence` axis; masks by original position
+        if isinstance(cache, DecodeCache):  # the new keys go to their slots, then the queries read the cache
+            start = (0, cache.index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)  # [B, S, Hkv, Dh]
+            v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+            out = cached_attention(q, k_all, v_all, cache.index, cache.slot_valid)  # [B, t, H, Dh]
+        elif n > 1:  # tokens in zigzag layout, T split over the `sequence` axis; masks by original position
             positions = jnp.asarray(to_layout_index(q.shape[1], n), jnp.int32)  # [T]
             out = ring_attention_in_layout(q, k, v, positions, mesh=context_mesh(), axis=SEQUENCE_AXIS,
                                            causal=cfg.causal, segment_ids=segment_ids, strategy=cfg.context_parallel,
@@ -305,7 +313,8 @@ class Attention(nn.Module):
         y = jnp.einsum("bthk,hkd->btd", out, self.o_kernel.astype(dtype))  # [B, T, D]
         if self.use_bias:
             y = y + self.o_bias.astype(dtype)
-        return constrain(y, BTE)
+        y = constrain(y, BTE)
+        return y if cache is None else (y, (k, v))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -429,7 +438,9 @@ def layer_stack(block_cls: type[nn.Module], cfg: ModelConfig) -> nn.Module | lis
     scan_layers=True: one `nn.scan` module; its params are stacked on a leading axis of size num_layers whose
     logical name is "layers" (param tree: layers/<block params> [L, ...]). scan_layers=False: a Python list, so
     the param tree is layers_0/..., layers_1/... Each block is wrapped in `nn.remat` unless remat_policy="none".
-    A block is called as block(x, segment_ids, rope) -> (x, None) (the scan carry/output convention).
+    A block is called as block(x, segment_ids, rope, cache) -> (x, kv) (the scan carry/output convention): cache
+    None (training) gives kv None; a `jaxctx.models.kv_cache` mode gives the layer's keys/values, stacked [L, ...]
+    by the scan, whose in_axes slice a DecodeCache's leading [L] axis per layer.
     """
     cls = block_cls
     if cfg.remat_policy != "none":
@@ -437,15 +448,15 @@ def layer_stack(block_cls: type[nn.Module], cfg: ModelConfig) -> nn.Module | lis
         cls = nn.remat(cls, policy=remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
         cls = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
         return cls(cfg)
     return [cls(cfg) for _ in range(cfg.num_layers)]
 
 
 def run_layers(layers: nn.Module | list[nn.Module], x: jax.Array, segment_ids, rope, *,
-               cfg: ModelConfig | None = None, block_cls: type[nn.Module] | None = None) -> jax.Array:
-    """Run the layer stack on x [B, T, D].
+               cfg: ModelConfig | None = None, block_cls: type[nn.Module] | None = None, cache=None):
+    """Run the layer stack on x [B, T, D] -> x; with a cache (generation) -> (x, (k, v) [L, B, T, Hkv, Dh]).
 
     With cfg.remat_group_size = g > 1 (scanned layers only) the L layers run as L/g groups, each group
     rematerialised as a whole around the per-layer remat: the forward saves only the L/g group inputs, and the
@@ -455,19 +466,21 @@ def run_layers(layers: nn.Module | list[nn.Module], x: jax.Array, segment_ids, r
     grouping; the groups are a reshape of them, so checkpoints and converters do not see the difference.
     """
     if isinstance(layers, (list, tuple)):
-        for block in layers:
-            x, _ = block(x, segment_ids, rope)
-        return x
+        kvs = []
+        for i, block in enumerate(layers):
+            x, kv = block(x, segment_ids, rope, layer_cache(cache, i))
+            kvs.append(kv)
+        return x if cache is None else (x, jax.tree.map(lambda *a: jnp.stack(a), *kvs))
     group = cfg.remat_group_size if cfg is not None else 0
-    if group <= 1 or layers.is_initializing():
-        x, _ = layers(x, segment_ids, rope)
-        return x
+    if group <= 1 or layers.is_initializing() or cache is not None:
+        x, kv = layers(x, segment_ids, rope, cache)
+        return x if cache is None else (x, kv)
     params = layers.variables["params"]  # stacked [L, ...] (the nn.scan module's own, traced for grads)
     groups = jax.tree.map(lambda p: p.reshape(cfg.num_layers // group, group, *p.shape[1:]), params)
     block = block_cls(cfg, parent=None)  # detached: applied as a pure function of one layer's params
 
     def one_layer(x, layer_params):
-        return block.apply({"params": layer_params}, x, segment_ids, rope)[0], None
+        return block.apply({"params": layer_params}, x, segment_ids, rope, None)[0], None
 
     layer_fn = jax.checkpoint(one_layer, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
 

@@ -1,0 +1,143 @@
+"""KV-cache decoding for gpt2 and llama: prefill, one-token steps, and the greedy / sampling loop.
+
+Layout of a batch (B rows, prompts of different lengths): prompts are left-padded to a bucket length P (a power
+of two, at least 16, so a handful of shapes cover every prompt), so every row writes its t-th new token at the
+same cache slot P + t. The cache is preallocated: keys and values [L, B, S, Hkv, Dh] with S = P +
+max_new_tokens, plus slot_valid [B, S] (padding slots stay False) and each row's next position (positions count
+real tokens only, so a padded row sees exactly what it would alone).
+
+Prefill runs the prompt through the model's normal attention path (the blockwise kernel: O(T) memory for a long
+prompt), with padding as segment 0 and the prompt as segment 1; each later token attends to the cache through
+`jaxctx.ops.decode.cached_attention`. The whole decode loop is one jitted `lax.while_loop` per (batch, bucket,
+settings): no recompilation per token or per prompt length inside a bucket.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from jaxctx.generate import processors
+from jaxctx.generate.settings import GenerationSettings
+from jaxctx.models.kv_cache import DecodeCache, PrefillCache
+
+MIN_BUCKET = 16
+
+
+class Cache(NamedTuple):
+    """The decode state of a batch: k, v [L, B, S, Hkv, Dh]; slot_valid [B, S] bool; next_position [B] int32."""
+
+    k: jax.Array
+    v: jax.Array
+    slot_valid: jax.Array
+    next_position: jax.Array
+
+
+def bucket_length(n: int) -> int:
+    """The padded prompt length for a prompt of n tokens: the next power of two, at least MIN_BUCKET."""
+    return max(MIN_BUCKET, 1 << max(0, int(n) - 1).bit_length())
+
+
+def left_pad(prompts: list[np.ndarray], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [B, length] int32, valid [B, length] bool): each prompt right-aligned, padding on the left."""
+    ids = np.full((len(prompts), length), pad_id, np.int32)
+    valid = np.zeros((len(prompts), length), bool)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            ids[row, -len(prompt):] = prompt
+            valid[row, -len(prompt):] = True
+    return ids, valid
+
+
+def prefill(model, params, prompt: jax.Array, valid: jax.Array, cache_slots: int) -> tuple[jax.Array, Cache]:
+    """Run the left-padded prompt [B, P] -> (next-token logits [B, V] f32, the cache with slots [0, P) filled)."""
+    b, p = prompt.shape
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)  # [B, P]: 0 at the first token
+    logits, (k, v) = model.apply({"params": params}, prompt, positions, PrefillCache(),
+                                 segment_ids=valid.astype(jnp.int32), method="extend")  # k, v [L, B, P, Hkv, Dh]
+    shape = (k.shape[0], b, cache_slots) + k.shape[3:]
+    cache_k = jax.lax.dynamic_update_slice(jnp.zeros(shape, k.dtype), k, (0, 0, 0, 0, 0))
+    cache_v = jax.lax.dynamic_update_slice(jnp.zeros(shape, v.dtype), v, (0, 0, 0, 0, 0))
+    slot_valid = jnp.zeros((b, cache_slots), bool).at[:, :p].set(valid)
+    return logits, Cache(cache_k, cache_v, slot_valid, positions[:, -1] + 1)
+
+
+def decode_step(model, params, tokens: jax.Array, cache: Cache, slot: jax.Array) -> tuple[jax.Array, Cache]:
+    """Feed tokens [B] at cache slot `slot` -> (next-token logits [B, V] f32, the cache with that slot written)."""
+    num_layers = cache.k.shape[0]
+    slot_valid = cache.slot_valid.at[:, slot].set(True)
+    index = jnp.asarray(slot, jnp.int32)
+    view = DecodeCache(cache.k, cache.v, jnp.broadcast_to(index, (num_layers,)),
+                       jnp.broadcast_to(slot_valid, (num_layers,) + slot_valid.shape))  # every field [L, ...]
+    logits, (k, v) = model.apply({"params": params}, tokens[:, None], cache.next_position[:, None], view,
+                                 method="extend")  # k, v [L, B, 1, Hkv, Dh]
+    start = (0, 0, index, 0, 0)
+    cache = Cache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
+                  jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start),
+                  slot_valid, cache.next_position + 1)
+    return logits, cache
+
+
+def end_reason(tokens: jax.Array, settings: GenerationSettings) -> jax.Array:
+    """[B] int32: 1 where the token is an EOS id, 2 where it is a stop id, 0 otherwise."""
+    reason = jnp.zeros(tokens.shape, jnp.int32)
+    for token in reversed(settings.end_ids):  # EOS wins when an id is both
+        reason = jnp.where(tokens == token, 1 if token in settings.eos_ids else 2, reason)
+    return reason
+
+
+def sample_loop(model, params, prompt: jax.Array, valid: jax.Array, settings: GenerationSettings,
+                on_token: Callable | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Greedy or sampled decoding of a left-padded batch -> (tokens [B, N], lengths [B], reasons [B]).
+
+    tokens hold settings.pad_id after a row's end; reasons are 0 (length), 1 (eos), 2 (stop). on_token, if
+    given, is called on the host with each step's tokens [B] (int32 numpy), in order, as they are chosen.
+    """
+    b, p = prompt.shape
+    n = settings.max_new_tokens
+    logits, cache = prefill(model, params, prompt, valid, p + n)
+    seen = None
+    if settings.repetition_penalty != 1.0:
+        seen = jnp.zeros(logits.shape, bool).at[jnp.arange(b)[:, None], prompt].max(valid)
+    rng = jax.random.key(settings.seed)
+
+    def pick(step, logits, seen, done):
+        scores = processors.process(logits, seen, settings)
+        token = processors.choose(scores, jax.random.fold_in(rng, step), settings)
+        token = jnp.where(done, settings.pad_id, token)
+        if on_token is not None:
+            io_callback(on_token, None, token, ordered=True)
+        return token
+
+    def body(state):
+        step, logits, cache, seen, done, out, reason = state
+        token = pick(step, logits, seen, done)
+        ended = end_reason(token, settings)
+        reason = jnp.where(done, reason, ended)
+        out = out.at[:, step].set(token)
+        if seen is not None:
+            seen = processors.mark_seen(seen, token)
+        logits, cache = decode_step(model, params, token, cache, p + step)
+        return step + 1, logits, cache, seen, done | (ended > 0), out, reason
+
+    def cond(state):
+        step, *_, done, _, _ = state
+        return (step < n - 1) & ~jnp.all(done)  # the last token needs no forward pass after it
+
+    out = jnp.full((b, n), settings.pad_id, jnp.int32)
+    state = (jnp.int32(0), logits, cache, seen, jnp.zeros((b,), bool), out, jnp.zeros((b,), jnp.int32))
+    step, logits, cache, seen, done, out, reason = jax.lax.while_loop(cond, body, state)
+    token = pick(step, logits, seen, done)  # all pad when every row has ended already
+    out = out.at[:, step].set(token)
+    reason = jnp.where(done, reason, end_reason(token, settings))
+    lengths = jnp.where(reason > 0, jnp.argmax(_is_end(out, settings), axis=1) + 1, n)
+    return out, lengths.astype(jnp.int32), reason
+
+
+def _is_end(tokens: jax.Array, settings: GenerationSettings) -> jax.Array:
+    """[B, N] bool: the token is one of the ids that end a row."""
+    return jnp.isin(tokens, jnp.asarray(settings.end_ids or (-1,), jnp.int32))

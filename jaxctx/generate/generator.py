@@ -1,0 +1,127 @@
+"""`Generator`: a causal LM's params, compiled decode loops, and the batching of prompts into them."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from jaxctx.config import Config, ModelConfig
+from jaxctx.generate.beam import beam_loop
+from jaxctx.generate.decoder import bucket_length, left_pad, sample_loop
+from jaxctx.generate.settings import GenerateError, GenerationSettings
+
+FINISH_REASONS = ("length", "eos", "stop")  # indexed by the loops' reason codes
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One prompt's result: the new token ids (through the end token, if any) and why the row stopped."""
+
+    token_ids: tuple[int, ...]
+    finish_reason: str  # "eos" | "stop" | "length"
+
+
+class Generator:
+    """Decode with a gpt2 or llama model.
+
+        gen = Generator(cfg, params)                       # params: numpy or jax arrays, the build(cfg) tree
+        [c] = gen.generate([prompt_ids], GenerationSettings(max_new_tokens=20, eos_ids=(2,)))
+        c.token_ids, c.finish_reason
+
+    One jitted loop per (batch size, prompt bucket, settings) is compiled and kept (`compiled_count`).
+    Prompts plus max_new_tokens must fit the model's positions (learned tables have no row beyond), unless
+    truncate="left" keeps each prompt's last tokens that do.
+    """
+
+    def __init__(self, cfg: Config | ModelConfig, params, *, truncate: str = "error"):
+        from jaxctx import models
+
+        model_cfg = cfg.resolved().model if isinstance(cfg, Config) else cfg
+        if model_cfg.family not in ("gpt2", "llama"):
+            raise GenerateError(f"model.family={model_cfg.family!r} cannot generate: it is an encoder (masked LM); "
+                                f"generate needs a gpt2 or llama model (use fill-mask for bert)")
+        if truncate not in ("error", "left"):
+            raise GenerateError(f"truncate={truncate!r} must be 'error' or 'left'")
+        # Generation never takes gradients: no rematerialisation.
+        self.model_cfg = dataclasses.replace(model_cfg, remat_policy="none", remat_group_size=0)
+        self.model = models.build(self.model_cfg)
+        self.params = jax.device_put(params)
+        self.truncate = truncate
+        self._on_token: Callable | None = None
+        self._loop = jax.jit(self._run, static_argnames=("settings", "stream"))
+
+    @property
+    def max_positions(self) -> int:
+        return self.model_cfg.positions
+
+    @property
+    def compiled_count(self) -> int:
+        """How many decode loops have been compiled (one per batch size, prompt bucket and settings)."""
+        return self._loop._cache_size()
+
+    def _run(self, params, prompt, valid, *, settings: GenerationSettings, stream: bool):
+        if settings.num_beams > 1:
+            return beam_loop(self.model, params, prompt, valid, settings)
+        return sample_loop(self.model, params, prompt, valid, settings,
+                           on_token=self._emit if stream else None)
+
+    def _emit(self, tokens):
+        if self._on_token is not None:
+            self._on_token(np.asarray(tokens))
+
+    def check_prompt(self, prompt: Sequence[int], settings: GenerationSettings, where: str = "prompt") -> np.ndarray:
+        """The prompt as int32 ids, truncated (truncate="left") or refused when it cannot fit the positions."""
+        ids = np.asarray(prompt, np.int32).reshape(-1)
+        if ids.size == 0:
+            raise GenerateError(f"{where} is empty: give at least one token")
+        vocab = self.model_cfg.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise GenerateError(f"{where} has token id {int(ids.max() if ids.max() >= vocab else ids.min())} "
+                                f"outside the model's vocabulary [0, {vocab})")
+        room = self.max_positions - settings.max_new_tokens
+        if ids.size > room:
+            if self.truncate == "left" and room > 0:
+                return ids[-room:]
+            raise GenerateError(f"{where} has {ids.size} tokens; with max_new_tokens={settings.max_new_tokens} "
+                                f"that is more than model.max_positions={self.max_positions} (shorten it, lower "
+                                f"max_new_tokens, or truncate the prompt's start with --truncate left)")
+        return ids
+
+    def generate(self, prompts: Sequence[Sequence[int]], settings: GenerationSettings, *,
+                 batch_size: int | None = None, on_token: Callable | None = None) -> list[Completion]:
+        """Decode every prompt (lists of token ids) -> one Completion per prompt, in order.
+
+        Prompts run in batches of batch_size (default: all at once); a short last batch is padded with copies
+        of its first prompt, so every batch has the same shape. on_token (one prompt only) is called with each
+        new token id as it is chosen, for streaming.
+        """
+        prompts = [self.check_prompt(p, settings, f"prompt {i}") for i, p in enumerate(prompts)]
+        if not prompts:
+            return []
+        if on_token is not None and (len(prompts) != 1 or settings.num_beams > 1):
+            raise GenerateError("streaming (on_token) needs exactly one prompt and num_beams=1")
+        batch_size = batch_size or len(prompts)
+        results: list[Completion] = []
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            filled = batch + [batch[0]] * (batch_size - len(batch))
+            ids, valid = left_pad(filled, bucket_length(max(len(p) for p in filled)), settings.pad_id)
+            self._on_token = None if on_token is None else functools.partial(_first_row, on_token)
+            try:
+                tokens, lengths, reasons = jax.device_get(
+                    self._loop(self.params, ids, valid, settings=settings, stream=on_token is not None))
+            finally:
+                self._on_token = None
+            for row in range(len(batch)):
+                results.append(Completion(tuple(int(t) for t in tokens[row, :lengths[row]]),
+                                          FINISH_REASONS[int(reasons[row])]))
+        return results
+
+
+def _first_row(callback: Callable, tokens: np.ndarray) -> None:
+    callback(int(tokens[0]))
