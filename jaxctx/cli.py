@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "jaxctx.bench.cli",
     "jaxctx.data.cli",
     "jaxctx.convert.cli",
+    "jaxctx.generate.cli",
 )
 
 
