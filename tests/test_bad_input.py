@@ -99,6 +99,10 @@ def T(*args):  # a train.py command line on the tiny config, cheap data settings
             "--set", "data.cache_dir={cache}", "--set", "data.max_documents=20", *args]
 
 
+def G(*args):  # jaxctx generate on the trained tiny workdir
+    return ["jaxctx", "generate", "--checkpoint", "{d}/run", *args]
+
+
 def S(*pairs):
     out = []
     for p in pairs:
@@ -234,6 +238,18 @@ CASES = [
     Case("tokenizer-train-out-not-empty", ["jaxctx", "tokenizer", "train", "--data", "{d}/c.txt",
                                            "--vocab-size", "300", "--out", "{d}/tok"], "{d}/tok",
          both(write("c.txt", "some text\n" * 50), write("tok/mine.txt", "keep\n"))),
+    # --- jaxctx generate
+    Case("generate-top-p-out-of-range", G("--prompt", "x", "--top-p", "1.5"), "top_p=1.5", copy_trained()),
+    Case("generate-num-beams-zero", G("--prompt", "x", "--num-beams", "0"), "num_beams=0", copy_trained()),
+    Case("generate-prompt-too-long", G("--prompt", "a" * 200), "model.max_positions=128", copy_trained()),
+    Case("generate-out-exists", G("--prompt", "x", "--out", "{d}/o.jsonl"), "{d}/o.jsonl",
+         both(copy_trained(), write("o.jsonl", "mine\n"))),
+    Case("generate-prompts-bad-row", G("--prompts", "{d}/p.jsonl"), "{d}/p.jsonl:2",
+         both(copy_trained(), write("p.jsonl", '{"prompt": "ok"}\n{"prompt": 3}\n'))),
+    Case("generate-bert-model", ["jaxctx", "generate", "--hf", "{d}/hf", "--prompt", "x"], "bert",
+         write("hf/config.json", json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))),
+    Case("generate-missing-checkpoint", ["jaxctx", "generate", "--checkpoint", "{d}/nope", "--prompt", "x"],
+         "{d}/nope"),
 ]
 
 
@@ -284,7 +300,7 @@ def test_bad_input(case: Case, tmp_path, capsys, trained, cache_dir):
 
 def test_corpus_is_large_and_covers_every_command():
     commands = {c.argv[0] if c.argv[0] == "train.py" else c.argv[1] for c in CASES}
-    assert commands == {"train.py", "convert", "bench", "plan", "data", "tokenizer"}
+    assert commands == {"train.py", "convert", "bench", "plan", "data", "tokenizer", "generate"}
     assert len(CASES) >= 40
 
 

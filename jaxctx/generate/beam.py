@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxctx.generate import processors
 from jaxctx.generate.decoder import Cache, decode_step, end_reason, prefill
-from jaxctx.generate.settings import GenerationSettings
+from jaxctx.generate.settings import GenerationSettings, Knobs
 
 NEG = -1.0e9  # transformers' "impossible" score; a finite value keeps sums and comparisons well defined
 
@@ -30,9 +30,11 @@ def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def beam_loop(model, params, prompt: jax.Array, valid: jax.Array,
-              settings: GenerationSettings) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Beam search of a left-padded batch -> (best hypothesis tokens [B, N], lengths [B], reasons [B])."""
+def beam_loop(model, params, prompt: jax.Array, valid: jax.Array, settings: GenerationSettings,
+              knobs: Knobs) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Beam search of a left-padded batch -> (best hypothesis tokens [B, N], lengths [B], reasons [B]).
+
+    settings is the static part (`GenerationSettings.compile_key`), knobs the traced values."""
     b, p = prompt.shape
     k_beams, n = settings.num_beams, settings.max_new_tokens
     m = max(2, 1 + len(settings.end_ids)) * k_beams
@@ -52,12 +54,12 @@ def beam_loop(model, params, prompt: jax.Array, valid: jax.Array,
     def body(state):
         (step, logits, cache, seen, run_seq, run_score, fin_seq, fin_score, fin_len, finished, unsatisfied,
          _) = state
-        scores = processors.process(jax.nn.log_softmax(logits, axis=-1), seen, settings)  # [B*K, V]
+        scores = processors.process(jax.nn.log_softmax(logits, axis=-1), seen, settings, knobs)  # [B*K, V]
         scores = scores.reshape(b, k_beams, vocab) + run_score[:, :, None]
         top_score, top_index = jax.lax.top_k(scores.reshape(b, k_beams * vocab), m)  # [B, M]
         source_beam, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
         cand_seq = _gather(run_seq, source_beam).at[:, :, step].set(token)  # [B, M, N]
-        hits = (end_reason(token, settings) > 0) | (step == n - 1)  # [B, M]
+        hits = (end_reason(token, knobs) > 0) | (step == n - 1)  # [B, M]
 
         # The next running beams: the best K candidates that did not finish.
         running_score = top_score + hits * NEG
@@ -99,7 +101,7 @@ def beam_loop(model, params, prompt: jax.Array, valid: jax.Array,
         return (step + 1, logits, cache, seen, next_seq, next_score, fin_seq, fin_score, fin_len, finished,
                 unsatisfied, go_on)
 
-    pad_seq = jnp.full((b, k_beams, n), settings.pad_id, jnp.int32)
+    pad_seq = jnp.full((b, k_beams, n), knobs.pad_id, jnp.int32)
     run_score = jnp.zeros((b, k_beams), jnp.float32).at[:, 1:].set(NEG)  # identical beams: only one may expand
     state = (jnp.int32(0), logits, cache, seen, pad_seq, run_score, pad_seq, jnp.full((b, k_beams), NEG),
              jnp.zeros((b, k_beams), jnp.int32), jnp.zeros((b, k_beams), bool), jnp.ones((b,), bool),
@@ -108,6 +110,6 @@ def beam_loop(model, params, prompt: jax.Array, valid: jax.Array,
     fin_seq, fin_len = state[6], state[8]
     best, length = fin_seq[:, 0], fin_len[:, 0]  # [B, N], [B]
     last = jnp.take_along_axis(best, jnp.maximum(length - 1, 0)[:, None], axis=1)[:, 0]
-    reason = jnp.where(length > 0, end_reason(last, settings), 0)
-    best = jnp.where(jnp.arange(n)[None, :] < length[:, None], best, settings.pad_id)
+    reason = jnp.where(length > 0, end_reason(last, knobs), 0)
+    best = jnp.where(jnp.arange(n)[None, :] < length[:, None], best, knobs.pad_id)
     return best, length, reason

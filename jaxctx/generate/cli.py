@@ -143,7 +143,8 @@ def generate_command(args) -> int:
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     check_out(args.out, args.force)
-    model = loading.load(args.checkpoint, args.hf, tokenizer=args.tokenizer, step=args.step)
+    model = loading.load(args.checkpoint, args.hf, tokenizer=args.tokenizer, step=args.step,
+                         families=("gpt2", "llama"), command="generate")
     settings = settings_from_args(args, model.tokenizer)
     generator = Generator(model.cfg, model.params, truncate=args.truncate)
     ids = [model.encode(text) for text in prompts]

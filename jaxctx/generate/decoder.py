@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from jaxctx.generate import processors
-from jaxctx.generate.settings import GenerationSettings
+from jaxctx.generate.settings import GenerationSettings, Knobs
 from jaxctx.models.kv_cache import DecodeCache, PrefillCache
 
 MIN_BUCKET = 16
@@ -82,20 +82,26 @@ def decode_step(model, params, tokens: jax.Array, cache: Cache, slot: jax.Array)
     return logits, cache
 
 
-def end_reason(tokens: jax.Array, settings: GenerationSettings) -> jax.Array:
-    """[B] int32: 1 where the token is an EOS id, 2 where it is a stop id, 0 otherwise."""
-    reason = jnp.zeros(tokens.shape, jnp.int32)
-    for token in reversed(settings.end_ids):  # EOS wins when an id is both
-        reason = jnp.where(tokens == token, 1 if token in settings.eos_ids else 2, reason)
-    return reason
+def end_reason(tokens: jax.Array, knobs: Knobs) -> jax.Array:
+    """int32 of tokens' shape: 1 where the token is an EOS id, 2 where it is a stop id, else 0 (EOS wins)."""
+    is_eos = jnp.any(tokens[..., None] == knobs.eos_ids, axis=-1)
+    is_stop = jnp.any(tokens[..., None] == knobs.stop_ids, axis=-1)
+    return jnp.where(is_eos, 1, jnp.where(is_stop, 2, 0)).astype(jnp.int32)
 
 
-def sample_loop(model, params, prompt: jax.Array, valid: jax.Array, settings: GenerationSettings,
+def first_end(tokens: jax.Array, knobs: Knobs) -> jax.Array:
+    """[B] int32: the number of tokens through the first end token of each row (N where there is none)."""
+    ends = jnp.any(tokens[:, :, None] == jnp.concatenate([knobs.eos_ids, knobs.stop_ids])[None, None], axis=2)
+    return jnp.where(jnp.any(ends, axis=1), jnp.argmax(ends, axis=1) + 1, tokens.shape[1]).astype(jnp.int32)
+
+
+def sample_loop(model, params, prompt: jax.Array, valid: jax.Array, settings: GenerationSettings, knobs: Knobs,
                 on_token: Callable | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Greedy or sampled decoding of a left-padded batch -> (tokens [B, N], lengths [B], reasons [B]).
 
-    tokens hold settings.pad_id after a row's end; reasons are 0 (length), 1 (eos), 2 (stop). on_token, if
-    given, is called on the host with each step's tokens [B] (int32 numpy), in order, as they are chosen.
+    settings is the static part (`GenerationSettings.compile_key`), knobs the traced values. tokens hold the pad
+    id after a row's end; reasons are 0 (length), 1 (eos), 2 (stop). on_token, if given, is called on the host
+    with each step's tokens [B] (int32 numpy), in order, as they are chosen.
     """
     b, p = prompt.shape
     n = settings.max_new_tokens
@@ -103,41 +109,33 @@ def sample_loop(model, params, prompt: jax.Array, valid: jax.Array, settings: Ge
     seen = None
     if settings.repetition_penalty != 1.0:
         seen = jnp.zeros(logits.shape, bool).at[jnp.arange(b)[:, None], prompt].max(valid)
-    rng = jax.random.key(settings.seed)
+    rng = jax.random.key(knobs.seed)
 
     def pick(step, logits, seen, done):
-        scores = processors.process(logits, seen, settings)
+        scores = processors.process(logits, seen, settings, knobs)
         token = processors.choose(scores, jax.random.fold_in(rng, step), settings)
-        token = jnp.where(done, settings.pad_id, token)
+        token = jnp.where(done, knobs.pad_id, token)
         if on_token is not None:
             io_callback(on_token, None, token, ordered=True)
         return token
 
     def body(state):
-        step, logits, cache, seen, done, out, reason = state
+        step, logits, cache, seen, done, out = state
         token = pick(step, logits, seen, done)
-        ended = end_reason(token, settings)
-        reason = jnp.where(done, reason, ended)
         out = out.at[:, step].set(token)
         if seen is not None:
             seen = processors.mark_seen(seen, token)
         logits, cache = decode_step(model, params, token, cache, p + step)
-        return step + 1, logits, cache, seen, done | (ended > 0), out, reason
+        return step + 1, logits, cache, seen, done | (end_reason(token, knobs) > 0), out
 
     def cond(state):
-        step, *_, done, _, _ = state
+        step, done = state[0], state[4]
         return (step < n - 1) & ~jnp.all(done)  # the last token needs no forward pass after it
 
-    out = jnp.full((b, n), settings.pad_id, jnp.int32)
-    state = (jnp.int32(0), logits, cache, seen, jnp.zeros((b,), bool), out, jnp.zeros((b,), jnp.int32))
-    step, logits, cache, seen, done, out, reason = jax.lax.while_loop(cond, body, state)
-    token = pick(step, logits, seen, done)  # all pad when every row has ended already
-    out = out.at[:, step].set(token)
-    reason = jnp.where(done, reason, end_reason(token, settings))
-    lengths = jnp.where(reason > 0, jnp.argmax(_is_end(out, settings), axis=1) + 1, n)
-    return out, lengths.astype(jnp.int32), reason
-
-
-def _is_end(tokens: jax.Array, settings: GenerationSettings) -> jax.Array:
-    """[B, N] bool: the token is one of the ids that end a row."""
-    return jnp.isin(tokens, jnp.asarray(settings.end_ids or (-1,), jnp.int32))
+    out = jnp.full((b, n), knobs.pad_id, jnp.int32)
+    state = (jnp.int32(0), logits, cache, seen, jnp.zeros((b,), bool), out)
+    step, logits, cache, seen, done, out = jax.lax.while_loop(cond, body, state)
+    out = out.at[:, step].set(pick(step, logits, seen, done))  # all pad when every row has ended already
+    lengths = first_end(out, knobs)
+    last = jnp.take_along_axis(out, lengths[:, None] - 1, axis=1)[:, 0]
+    return out, lengths, end_reason(last, knobs)

@@ -33,7 +33,8 @@ class Generator:
         [c] = gen.generate([prompt_ids], GenerationSettings(max_new_tokens=20, eos_ids=(2,)))
         c.token_ids, c.finish_reason
 
-    One jitted loop per (batch size, prompt bucket, settings) is compiled and kept (`compiled_count`).
+    One jitted loop per (batch size, prompt bucket, settings.compile_key()) is compiled and kept
+    (`compiled_count`): seeds, temperatures, top-k / top-p values, penalties and end ids reuse it.
     Prompts plus max_new_tokens must fit the model's positions (learned tables have no row beyond), unless
     truncate="left" keeps each prompt's last tokens that do.
     """
@@ -64,10 +65,10 @@ class Generator:
         """How many decode loops have been compiled (one per batch size, prompt bucket and settings)."""
         return self._loop._cache_size()
 
-    def _run(self, params, prompt, valid, *, settings: GenerationSettings, stream: bool):
+    def _run(self, params, prompt, valid, knobs, *, settings: GenerationSettings, stream: bool):
         if settings.num_beams > 1:
-            return beam_loop(self.model, params, prompt, valid, settings)
-        return sample_loop(self.model, params, prompt, valid, settings,
+            return beam_loop(self.model, params, prompt, valid, settings, knobs)
+        return sample_loop(self.model, params, prompt, valid, settings, knobs,
                            on_token=self._emit if stream else None)
 
     def _emit(self, tokens):
@@ -114,7 +115,8 @@ class Generator:
             self._on_token = None if on_token is None else functools.partial(_first_row, on_token)
             try:
                 tokens, lengths, reasons = jax.device_get(
-                    self._loop(self.params, ids, valid, settings=settings, stream=on_token is not None))
+                    self._loop(self.params, ids, valid, settings.knobs(), settings=settings.compile_key(),
+                               stream=on_token is not None))
             finally:
                 self._on_token = None
             for row in range(len(batch)):

@@ -43,28 +43,39 @@ class InferenceModel:
         return self.tokenizer.decode(ids)
 
 
+def check_family(family: str, families: tuple[str, ...], command: str, where: str) -> None:
+    if family not in families:
+        raise UsageError(f"{where} holds a {family} model; {command} needs {' or '.join(families)}")
+
+
 def load(checkpoint: str | None = None, hf: str | None = None, *, tokenizer: str | None = None,
-         step: int | None = None) -> InferenceModel:
+         step: int | None = None, families: tuple[str, ...] = ("gpt2", "llama", "bert"),
+         command: str = "this command") -> InferenceModel:
     """Exactly one of checkpoint (a workdir or checkpoint root; latest step unless `step`) and hf (a directory
-    written by save_pretrained). tokenizer overrides the tokenizer ("byte" or a directory)."""
+    written by save_pretrained). tokenizer overrides the tokenizer ("byte" or a directory). A model outside
+    `families` is refused (naming `command`) before any weights are read."""
     from jaxctx import config as config_lib
     from jaxctx.data.tokenizer import load_tokenizer
 
     if (checkpoint is None) == (hf is None):
         raise UsageError("give exactly one of --checkpoint DIR and --hf HF_DIR")
     if checkpoint is not None:
-        from jaxctx.checkpoint import load_params
+        from jaxctx.checkpoint import load_params, params_metadata
 
-        params, meta = load_params(checkpoint, step=step)
+        _, _, meta = params_metadata(checkpoint, step=step)
         if "config" not in meta:
             raise UsageError(f"--checkpoint {checkpoint}: the checkpoint meta has no config; cannot tell which model "
                              f"it holds")
         cfg = config_lib.from_dict(meta["config"]).resolved()
+        check_family(cfg.model.family, families, command, f"--checkpoint {checkpoint}")
+        params, meta = load_params(checkpoint, step=step)
         spec, source, at = tokenizer or cfg.data.tokenizer, os.path.abspath(checkpoint), meta.get("step")
     else:
         from jaxctx.convert import io
         from jaxctx.convert.api import from_hf
 
+        model_type = io.read_hf_config(hf).get("model_type")
+        check_family(str(model_type), families, command, f"--hf {hf}")
         cfg, params = from_hf(hf)
         source, at = os.path.abspath(hf), None
         spec = tokenizer

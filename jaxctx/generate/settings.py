@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from jaxctx.errors import UsageError
+
+
+class Knobs(NamedTuple):
+    """The traced values of GenerationSettings (see `GenerationSettings.knobs`); eos / stop ids [E], [S]."""
+
+    temperature: Any
+    top_k: Any
+    top_p: Any
+    repetition_penalty: Any
+    seed: Any
+    pad_id: Any
+    eos_ids: Any
+    stop_ids: Any
 
 
 class GenerateError(UsageError):
@@ -61,6 +75,26 @@ class GenerationSettings:
             raise GenerateError("; ".join(problems))
         object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+
+    def compile_key(self) -> "GenerationSettings":
+        """The settings with every value that `knobs` carries normalised: equal keys share a compiled loop.
+
+        What stays is what changes the program: strategy, lengths, early stopping, the length penalty (an
+        exponent in a static branch), how many end ids there are, and which filters are on at all.
+        """
+        return dataclasses.replace(
+            self, temperature=1.0, seed=0, pad_id=0, top_k=int(self.top_k > 0), top_p=1.0 if self.top_p >= 1 else 0.5,
+            repetition_penalty=1.0 if self.repetition_penalty == 1 else 2.0,
+            eos_ids=(-1,) * len(self.eos_ids), stop_ids=(-2,) * len(self.end_ids[len(self.eos_ids):]))
+
+    def knobs(self) -> "Knobs":
+        """The numeric settings as arrays: traced inputs of the compiled loop, so changing them recompiles nothing."""
+        import numpy as np
+
+        extra_stops = self.end_ids[len(self.eos_ids):]
+        return Knobs(np.float32(self.temperature), np.int32(self.top_k), np.float32(self.top_p),
+                     np.float32(self.repetition_penalty), np.int32(self.seed), np.int32(self.pad_id),
+                     np.asarray(self.eos_ids, np.int32).reshape(-1), np.asarray(extra_stops, np.int32).reshape(-1))
 
     def replace(self, **changes) -> "GenerationSettings":
         return dataclasses.replace(self, **changes)
