@@ -379,6 +379,8 @@ def validate_rope_scaling(scaling: Mapping[str, Any], head_dim: int, key: str = 
         if not ok:
             shown = f"<list of {len(value)}>" if isinstance(value, (list, tuple)) else repr(value)
             raise ConfigError(f"{key}.{name}={shown} must be {want} (rope_type={kind})")
+    if kind == "dynamic" and head_dim <= 2:  # its base is raised to Dh / (Dh - 2)
+        raise ConfigError(f"{key} rope_type=dynamic needs a head dim above 2, got {head_dim}")
     if kind == "llama3" and fields["low_freq_factor"] >= fields["high_freq_factor"]:
         raise ConfigError(f"{key}.low_freq_factor={fields['low_freq_factor']} must be below high_freq_factor="
                           f"{fields['high_freq_factor']} (rope_type=llama3)")
