@@ -35,6 +35,20 @@ REMAT_POLICIES = (
 )
 
 
+# model.rope_scaling: rope_type -> (required fields, optional fields), transformers' names (docs/models.md says what
+# each does; jaxctx.models.rope computes them). "type" is accepted as the legacy name of rope_type.
+ROPE_SCALING_FIELDS = {
+    "default": ((), ()),
+    "linear": (("factor",), ()),
+    "dynamic": (("factor",), ()),
+    "yarn": (("factor",), ("original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
+                           "mscale_all_dim", "truncate")),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor"), ("original_max_position_embeddings",)),
+    "longrope": (("short_factor", "long_factor"), ("factor", "original_max_position_embeddings", "attention_factor")),
+}
+ROPE_TYPES = tuple(ROPE_SCALING_FIELDS)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of one model. Field names follow the contract in DESIGN.md."""
@@ -51,7 +65,7 @@ class ModelConfig:
     type_vocab_size: int = 2  # BERT token-type embeddings
     norm_eps: float | None = None  # None = family default (gpt2 1e-5, llama 1e-6, bert 1e-12)
     rope_theta: float = 10000.0  # RoPE base frequency (llama)
-    rope_scaling: Mapping[str, Any] | None = None  # HF-style rope scaling dict: {"rope_type": "linear"|"llama3", ...}
+    rope_scaling: Mapping[str, Any] | None = None  # HF rope scaling dict {rope_type: ..., ...}: ROPE_SCALING_FIELDS
     tie_embeddings: bool | None = None  # output head shares the input embedding; None = family default
     initializer_range: float = 0.02  # std of the normal initialiser (GPT-2/BERT/LLaMA all use 0.02)
     attention: str = "auto"  # attention kernel: auto | reference | xla | blockwise | cudnn | splash
@@ -148,20 +162,7 @@ class ModelConfig:
         if self.family == "bert" and not self.tied:
             raise ConfigError("model.tie_embeddings=false is not supported for bert (HF ties the MLM decoder)")
         if self.rope_scaling is not None:
-            scaling = dict(self.rope_scaling)
-            kind = scaling.get("rope_type", scaling.get("type"))
-            _check_choice("model.rope_scaling.rope_type", kind, ("default", "linear", "llama3"))
-            needed = {"default": (), "linear": ("factor",),
-                      "llama3": ("factor", "low_freq_factor", "high_freq_factor")}[kind]
-            for name in needed:
-                value = scaling.get(name)
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                    raise ConfigError(f"model.rope_scaling.{name} must be a positive number for rope_type={kind} "
-                                      f"(got {value!r}), e.g. {{rope_type: {kind}, factor: 8"
-                                      f"{', low_freq_factor: 1, high_freq_factor: 4' if kind == 'llama3' else ''}}}")
-            if kind == "llama3" and scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
-                raise ConfigError(f"model.rope_scaling.low_freq_factor={scaling['low_freq_factor']} must be below "
-                                  f"high_freq_factor={scaling['high_freq_factor']}")
+            validate_rope_scaling(self.rope_scaling, self.dim_per_head)
 
 
 @dataclass(frozen=True)
@@ -333,6 +334,56 @@ def _check_choice(key: str, value: Any, choices: Sequence[str]) -> None:
 def _check_positive(key: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{key}={value!r} must be a positive integer")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_rope_scaling(scaling: Mapping[str, Any], head_dim: int, key: str = "model.rope_scaling") -> None:
+    """A known rope_type, its required fields present, no unknown field, every value of the right kind."""
+    if not isinstance(scaling, Mapping):
+        raise ConfigError(f"{key}={scaling!r} must be a mapping such as {{rope_type: linear, factor: 4}}")
+    fields = dict(scaling)
+    kind, legacy = fields.pop("rope_type", None), fields.pop("type", None)
+    if kind is not None and legacy is not None and kind != legacy:
+        raise ConfigError(f"{key} has rope_type={kind!r} and type={legacy!r}; keep rope_type (type is its legacy "
+                          f"name)")
+    kind = legacy if kind is None else kind
+    _check_choice(f"{key}.rope_type", kind, ROPE_TYPES)
+    required, optional = ROPE_SCALING_FIELDS[kind]
+    for name in fields:
+        if name not in required + optional:
+            hint = ("the base is model.rope_theta" if name == "rope_theta" else
+                    f"it takes {', '.join(required + optional)}" if required + optional else "it takes no fields")
+            raise ConfigError(f"{key}.{name} is not a field of rope_type={kind}; {hint}")
+    missing = [name for name in required if fields.get(name) is None]
+    if missing:
+        raise ConfigError(f"{key}.{missing[0]} is missing: rope_type={kind} needs {', '.join(required)}")
+    half = head_dim // 2
+    for name, value in fields.items():
+        if value is None:  # an optional field left unset
+            continue
+        if name == "truncate":
+            ok, want = isinstance(value, bool), "true or false"
+        elif name == "original_max_position_embeddings":
+            ok, want = isinstance(value, int) and not isinstance(value, bool) and value > 0, "a positive integer"
+        elif name in ("short_factor", "long_factor"):
+            ok = (isinstance(value, (list, tuple)) and len(value) == half
+                  and all(_is_number(v) and v > 0 for v in value))
+            want = f"a list of {half} positive numbers (one per frequency: head dim {head_dim} / 2)"
+        elif name in ("mscale", "mscale_all_dim"):
+            ok, want = _is_number(value) and value >= 0, "a number >= 0"
+        else:
+            ok, want = _is_number(value) and value > 0, "a positive number"
+        if not ok:
+            shown = f"<list of {len(value)}>" if isinstance(value, (list, tuple)) else repr(value)
+            raise ConfigError(f"{key}.{name}={shown} must be {want} (rope_type={kind})")
+    if kind == "dynamic" and head_dim <= 2:  # its base is raised to Dh / (Dh - 2)
+        raise ConfigError(f"{key} rope_type=dynamic needs a head dim above 2, got {head_dim}")
+    if kind == "llama3" and fields["low_freq_factor"] >= fields["high_freq_factor"]:
+        raise ConfigError(f"{key}.low_freq_factor={fields['low_freq_factor']} must be below high_freq_factor="
+                          f"{fields['high_freq_factor']} (rope_type=llama3)")
 
 
 def _suggest(key: str, valid: Sequence[str]) -> str:

@@ -12,19 +12,23 @@ transposed ("transpose") to our (in, out) kernel and reshaped into heads:
   `model.embed_tokens` (an lm_head.weight copy in a tied checkpoint must equal it).
 HF's q/k weights are already in the rotate-half RoPE layout our model uses (no Meta-style permutation).
 
-RoPE config: transformers >= 5 writes `rope_parameters` {rope_type, rope_theta, factor, ...}; older configs have
-`rope_theta` and `rope_scaling` {type|rope_type, ...}. Both are read; both are written (v4 and v5 read them).
-Supported types are the ones our model implements: default, linear, llama3 (llama3's
-original_max_position_embeddings defaults to max_position_embeddings, as in transformers, and is always stored
-explicitly so a longer max_positions later does not change the frequencies). The rotary `inv_freq` buffers of old
-checkpoints are dropped.
+RoPE config: transformers >= 5 writes `rope_parameters` {rope_type, rope_theta, factor, ...}; 4.x configs have
+`rope_theta` and `rope_scaling` {type|rope_type, ...}. Read as transformers 5 reads them: a non-empty
+`rope_scaling` wins over `rope_parameters`, and the base is the chosen dict's rope_theta, else the top-level one.
+Every type jaxctx implements (config.ROPE_SCALING_FIELDS: default, linear, dynamic, yarn, llama3, longrope) is
+carried with the fields transformers reads for it; unset (null) fields are left out, other keys are ignored as
+transformers ignores them. Pinned on import so a longer max_positions later does not move the frequencies:
+original_max_position_embeddings of llama3 / yarn / longrope (default max_position_embeddings, as transformers'
+standardize_rope_params), and a missing yarn / longrope factor (max_position_embeddings / original, as transformers
+derives it). dynamic has nothing to pin: transformers scales it past max_position_embeddings itself. Both forms
+are written (v4 and v5 read them). The rotary `inv_freq` buffers of old checkpoints are dropped.
 """
 
 from __future__ import annotations
 
 import re
 
-from jaxctx.config import ModelConfig
+from jaxctx.config import ROPE_SCALING_FIELDS, ROPE_TYPES, ConfigError, ModelConfig, validate_rope_scaling
 from jaxctx.convert.mapping import HFConfig, Rule
 
 MODEL_TYPE = "llama"
@@ -34,7 +38,6 @@ AUTO_CLASS = "AutoModelForCausalLM"
 CARRY_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout")
 IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 DROPPED = re.compile(r"$^")  # no other heads: any other tensor is an error
-ROPE_TYPES = ("default", "linear", "llama3")
 
 
 def canonical(name: str) -> str:
@@ -45,11 +48,12 @@ def tied_copies(m: ModelConfig) -> dict[str, str]:
     return {"lm_head.weight": "model.embed_tokens.weight"} if m.tied else {}
 
 
-def _rope_from_hf(c: HFConfig, max_positions) -> tuple[float, dict | None]:
-    """(rope_theta, our rope_scaling) from rope_parameters (v5) or rope_theta + rope_scaling (v4)."""
-    params = c.values.get("rope_parameters") or c.values.get("rope_scaling") or {}
+def _rope_from_hf(c: HFConfig, max_positions, head_dim) -> tuple[float, dict | None]:
+    """(rope_theta, our rope_scaling) from rope_scaling (v4, read first as transformers 5 does) or rope_parameters."""
+    source = "rope_scaling" if c.values.get("rope_scaling") else "rope_parameters"
+    params = c.values.get(source) or {}
     if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
-        c.unsupported(f"rope_parameters={params!r} must be one flat mapping (per-layer-type RoPE is not supported)")
+        c.unsupported(f"{source}={params!r} must be one flat mapping (per-layer-type RoPE is not supported)")
         return 10000.0, None
     theta = float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
@@ -61,17 +65,22 @@ def _rope_from_hf(c: HFConfig, max_positions) -> tuple[float, dict | None]:
         return theta, None
     if kind == "default":
         return theta, None
-    missing = [k for k in (("factor",) if kind == "linear" else ("factor", "low_freq_factor", "high_freq_factor"))
-               if k not in params]
+    required, optional = ROPE_SCALING_FIELDS[kind]
+    scaling = {"rope_type": kind, **{k: params[k] for k in required + optional if params.get(k) is not None}}
+    if kind in ("llama3", "yarn", "longrope"):
+        scaling.setdefault("original_max_position_embeddings", max_positions)
+    old = scaling.get("original_max_position_embeddings")
+    if kind in ("yarn", "longrope") and "factor" not in scaling and isinstance(old, int) and old > 0:
+        scaling["factor"] = max_positions / old
+    missing = [k for k in required if k not in scaling]
     if missing:
         c.unsupported(f"rope {kind} scaling lacks {', '.join(missing)}")
         return theta, None
-    scaling = {"rope_type": kind, "factor": float(params["factor"])}
-    if kind == "llama3":
-        scaling.update(low_freq_factor=float(params["low_freq_factor"]),
-                       high_freq_factor=float(params["high_freq_factor"]),
-                       original_max_position_embeddings=int(params.get("original_max_position_embeddings",
-                                                                       max_positions)))
+    try:
+        validate_rope_scaling(scaling, head_dim, key=source)
+    except ConfigError as err:
+        c.unsupported(str(err))
+        return theta, None
     return theta, scaling
 
 
@@ -81,7 +90,7 @@ def config_from_hf(hf: dict, where: str) -> dict:
     kv_heads = c.get("num_key_value_heads", heads)
     head_dim = c.get("head_dim")
     max_positions = c.require("max_position_embeddings")
-    theta, scaling = _rope_from_hf(c, max_positions)
+    theta, scaling = _rope_from_hf(c, max_positions, head_dim or d // heads)
     fields = dict(
         family="llama", d_model=d, num_heads=heads, num_kv_heads=kv_heads, num_layers=c.require("num_hidden_layers"),
         head_dim=head_dim, d_ff=c.require("intermediate_size"), vocab_size=c.require("vocab_size"),
@@ -101,9 +110,9 @@ def config_from_hf(hf: dict, where: str) -> dict:
 
 def config_to_hf(m: ModelConfig) -> dict:
     """ModelConfig -> config.json keys (max_positions becomes max_position_embeddings)."""
-    scaling = dict(m.rope_scaling) if m.rope_scaling else {}
-    kind = scaling.pop("rope_type", scaling.pop("type", "default"))
-    if kind == "llama3":  # our model falls back to max_positions; HF needs it explicit
+    scaling = {k: list(v) if isinstance(v, tuple) else v for k, v in (m.rope_scaling or {}).items()}
+    kind = scaling.pop("rope_type", scaling.pop("type", "default"))  # (both keys popped)
+    if kind in ("llama3", "yarn", "longrope"):  # our model falls back to max_positions; written explicitly
         scaling.setdefault("original_max_position_embeddings", m.positions)
     rope_parameters = {"rope_type": kind, "rope_theta": m.rope_theta, **scaling}
     return {

@@ -49,7 +49,9 @@ def build(cfg: Config | ModelConfig) -> nn.Module:
         model_cfg.positions  # noqa: B018 - raises a ConfigError naming model.max_positions when it is unset
     if model_cfg.rope_scaling is not None:
         # A plain dict would make the config, and so the Module, unhashable (jit and lifted transforms hash it).
-        model_cfg = dataclasses.replace(model_cfg, rope_scaling=FrozenDict(model_cfg.rope_scaling))
+        # longrope's factor lists become tuples for the same reason.
+        scaling = {k: tuple(v) if isinstance(v, list) else v for k, v in model_cfg.rope_scaling.items()}
+        model_cfg = dataclasses.replace(model_cfg, rope_scaling=FrozenDict(scaling))
     if model_cfg.family == "bert":
         return BertMLM(model_cfg)
     return CausalLM(model_cfg)

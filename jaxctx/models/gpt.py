@@ -43,8 +43,8 @@ import flax.linen as nn
 
 from jaxctx.config import ModelConfig
 from jaxctx.models.layers import (BTE, Attention, Embed, Mlp, SwiGluMlp, check_inputs, constrain, gelu_tanh,
-                                  layer_stack, lm_logits, lm_loss, make_norm, make_param, normal, rope_cos_sin,
-                                  rope_inv_freq, run_layers)
+                                  layer_stack, lm_logits, lm_loss, make_norm, make_param, normal, rope_tables,
+                                  run_layers)
 
 
 class DecoderBlock(nn.Module):
@@ -125,8 +125,7 @@ class CausalLM(nn.Module):
         if cfg.family == "gpt2":
             x = x + self.pos_embed(positions)
         else:
-            inv_freq = rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling, cfg.max_positions)
-            rope = rope_cos_sin(positions, inv_freq)  # cos, sin [B, T, 1, Dh], shared by every layer
+            rope = rope_tables(positions, cfg)  # cos, sin [B, T, 1, Dh] f32 (scaling applied), shared by every layer
         x = constrain(x, BTE)
         if cache is None:
             return self.final_norm(run_layers(self.layers, x, segment_ids, rope, cfg=cfg, block_cls=DecoderBlock))

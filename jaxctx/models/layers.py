@@ -12,22 +12,19 @@ Conventions (every module here):
 - Init follows the HF conventions: normal(initializer_range) kernels and embeddings, zero biases, unit norm
   scales.
 
-RoPE (Su et al., 2021, arXiv:2104.09864) uses the rotate-half layout of HF LLaMA; the "linear" and "llama3"
-rope_scaling types are ports of transformers' `_compute_linear_scaling_rope_parameters` and
-`_compute_llama3_parameters` (modeling_rope_utils.py).
+RoPE and its scalings live in `jaxctx.models.rope`; its functions are re-exported here for older imports.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxctx.config import ModelConfig
+from jaxctx.models.rope import apply_rope, rope_cos_sin, rope_inv_freq, rope_tables, rotate_half  # noqa: F401
 from jaxctx.ops import attention
 from jaxctx.ops.buffers import zeros_like_in_loop
 from jaxctx.ops.decode import cached_attention
@@ -184,68 +181,6 @@ class RMSNorm(nn.Module):
 
 def make_norm(cfg: ModelConfig, **kwargs) -> nn.Module:
     return RMSNorm(cfg, **kwargs) if cfg.family == "llama" else LayerNorm(cfg, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Rotary position embeddings
-# ----------------------------------------------------------------------------------------------------------
-
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None,
-                  max_positions: int | None = None) -> np.ndarray:
-    """Inverse frequencies [head_dim // 2] (float32 numpy), with optional HF rope_scaling.
-
-    Computed in float32 like transformers, so angles agree with HF checkpoints bit for bit at short range.
-    scaling: None or {"rope_type" (or legacy "type"): "default" | "linear" | "llama3", "factor": ...,
-    llama3 also "low_freq_factor", "high_freq_factor", "original_max_position_embeddings" (default:
-    max_positions)}.
-    """
-    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
-    if not scaling:
-        return inv_freq
-    scaling = dict(scaling)
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return inv_freq
-    factor = np.float32(scaling["factor"])
-    if kind == "linear":
-        # Dividing the frequencies by `factor` == dividing positions by it (position interpolation).
-        return (inv_freq / factor).astype(np.float32)
-    if kind == "llama3":
-        low_freq_factor = float(scaling["low_freq_factor"])
-        high_freq_factor = float(scaling["high_freq_factor"])
-        old_context = scaling.get("original_max_position_embeddings", max_positions)
-        if old_context is None:
-            raise ValueError("rope_scaling llama3 needs original_max_position_embeddings (or model.max_positions)")
-        low_freq_wavelen = old_context / low_freq_factor
-        high_freq_wavelen = old_context / high_freq_factor
-        wavelen = np.float32(2 * math.pi) / inv_freq
-        # Long wavelengths (low frequencies) are interpolated by `factor`, short ones kept, and the band between
-        # is blended smoothly.
-        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
-        return np.where(medium, smoothed, scaled).astype(np.float32)
-    raise ValueError(f"rope_scaling rope_type={kind!r} is not supported; use default, linear or llama3")
-
-
-def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """positions [B, T] -> cos, sin [B, T, 1, Dh] in float32 (the 1 broadcasts over heads)."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
-    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, Dh] (rotate-half layout)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def rotate_half(x: jax.Array) -> jax.Array:
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([-x2, x1], axis=-1)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [B, T, H, Dh] rotated in float32 (HF rotates in the compute dtype; f32 is the more exact of the two)."""
-    x32 = x.astype(jnp.float32)
-    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

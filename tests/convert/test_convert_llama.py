@@ -1,5 +1,6 @@
-"""LLaMA: parity with transformers' LlamaForCausalLM both ways (GQA, explicit head_dim, tied/untied, RoPE scaling,
-v5 rope_parameters and v4 rope_theta/rope_scaling configs), bit-exact round trip, context length in the config."""
+"""LLaMA: parity with transformers' LlamaForCausalLM both ways (GQA, explicit head_dim, tied/untied, RoPE scaling
+linear / llama3 / yarn / longrope, v5 rope_parameters and v4 rope_theta/rope_scaling configs), bit-exact round trip,
+every rope_type's config carried both ways, context length in the config."""
 
 import json
 import os
@@ -12,11 +13,19 @@ from jaxctx.convert import from_hf, to_hf
 
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 4.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+YARN = {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 8.0, "beta_slow": 1.0}  # head_dim 8: frequency 0 kept, 1-3 interpolated; attention factor 1.14
+# Phi-3 style: no factor (transformers derives max_position_embeddings / original = 4, attention factor 1.22);
+# inputs of 17 tokens use long_factor, of 12 short_factor.
+LONGROPE = {"rope_type": "longrope", "rope_theta": 500.0, "short_factor": [1.0, 1.1, 1.3, 1.6],
+            "long_factor": [1.0, 2.0, 4.0, 8.0], "original_max_position_embeddings": 16}
 CASES = {
     "gqa_untied": {},
     "tied_linear": dict(tie_word_embeddings=True, rope_parameters={"rope_type": "linear", "rope_theta": 500.0,
                                                                    "factor": 2.0}),
     "head_dim12_llama3": dict(head_dim=12, num_key_value_heads=3, rope_parameters=LLAMA3),
+    "yarn": dict(rope_parameters=YARN),
+    "longrope": dict(rope_parameters=LONGROPE),
 }
 
 
@@ -32,6 +41,7 @@ def test_import_matches_transformers_and_exports_bit_exact(hf, saved, tmp_path, 
     assert (m.num_heads, m.kv_heads, m.dim_per_head) == (6, model.config.num_key_value_heads, model.config.head_dim)
     assert m.tied == model.config.tie_word_embeddings and ("lm_head" in params) != m.tied
     inputs = [hf.ids((2, 17), seed=1)] + ([hf.ids((1, 64), seed=2)] if case == "gqa_untied" else [])
+    inputs += [hf.ids((2, 12), seed=4)] if case == "longrope" else []
     for ids in inputs:
         err = np.abs(hf.ours(cfg, params, ids) - hf.logits(model, ids)).max()
         print(f"llama {case} import: max |logits - transformers| = {err:.2e}")
@@ -103,8 +113,10 @@ def test_longer_context_is_written_to_the_config(hf, tmp_path):
 
 
 @pytest.mark.parametrize("rope, message", [
-    ({"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}, "rope_type='dynamic' is not supported"),
+    ({"rope_type": "proportional", "rope_theta": 1e4}, "rope_type='proportional' is not supported"),
     ({"rope_type": "linear", "rope_theta": 1e4}, "rope linear scaling lacks factor"),
+    ({"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0], "long_factor": [1.0] * 4},
+     "rope_parameters.short_factor=<list of 1> must be a list of 4 positive numbers"),
 ])
 def test_unsupported_rope_is_named(saved, tmp_path, rope, message):
     _, path = saved("llama")
@@ -118,3 +130,35 @@ def test_unsupported_rope_is_named(saved, tmp_path, rope, message):
     with pytest.raises(ValueError, match=message) as err:
         from_hf(str(bad))
     assert "hidden_act='gelu' is not supported" in str(err.value)  # every problem in one message
+
+
+# Our rope_scaling with every field explicit, as it must come back after to-hf -> from-hf.
+ROPE_ROUND_TRIP = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "attention_factor": 0.8,
+             "beta_fast": 16.0, "beta_slow": 2.0, "mscale": 1.0, "mscale_all_dim": 0.5, "truncate": False},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},
+    "longrope": {"rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5], "long_factor": [1.0, 3.0, 6.0, 9.0],
+                 "factor": 4.0, "original_max_position_embeddings": 16, "attention_factor": 1.1},
+}
+
+
+@pytest.mark.parametrize("kind", list(ROPE_ROUND_TRIP))
+def test_rope_config_carried_both_ways(tmp_path, kind):
+    """to-hf writes a config.json transformers 5 reads back as the same rope_parameters; from-hf of it gives our
+    rope_scaling back unchanged (no weights needed: the config half of to_hf / from_hf)."""
+    import transformers as T
+
+    from jaxctx.config import ModelConfig
+    from jaxctx.convert import hf_llama
+
+    scaling = ROPE_ROUND_TRIP[kind]
+    m = ModelConfig(family="llama", num_layers=1, num_heads=6, num_kv_heads=2, head_dim=8, d_model=48,
+                    vocab_size=101, max_positions=64, rope_theta=500.0, rope_scaling=scaling)
+    m.validate()
+    (tmp_path / "config.json").write_text(json.dumps(hf_llama.config_to_hf(m)))
+    assert T.AutoConfig.from_pretrained(tmp_path).rope_parameters == {"rope_theta": 500.0, **scaling}
+    back = hf_llama.config_from_hf(json.loads((tmp_path / "config.json").read_text()), "config.json")
+    assert (back["rope_theta"], back["rope_scaling"], back["max_positions"]) == (500.0, scaling, 64)
