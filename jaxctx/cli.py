@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "jaxctx.data.cli",
     "jaxctx.convert.cli",
     "jaxctx.generate.cli",
+    "jaxctx.evaluate.cli",
 )
 
 

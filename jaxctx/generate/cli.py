@@ -30,9 +30,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """--checkpoint | --hf, --tokenizer, --step: how every inference command finds its model."""
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group(required=required)
     source.add_argument("--checkpoint", metavar="DIR", help="training workdir or jaxctx checkpoint (latest step)")
     source.add_argument("--hf", metavar="HF_DIR", help="Hugging Face directory (config.json + safetensors)")
     parser.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory or 'byte' (default: the model's)")
