@@ -3,8 +3,8 @@
 Registered by `jaxctx.cli` through `register(subparsers)`. Only argparse runs at import time; jax and the bench
 modules are imported when a bench actually runs, so `jaxctx --help` stays instant.
 
-Each bench kind is one `_register_<kind>` function added to `_BENCHES` (attention, train, max-context); the timed
-benches share the output/timing flags of `_common_flags()`. `register` also adds the top-level `jaxctx plan`,
+Each bench kind is one `_register_<kind>` function added to `_BENCHES` (attention, train, max-context,
+generate); the timed benches share the output/timing flags of `_common_flags()`. `register` also adds the top-level `jaxctx plan`,
 which compiles one config's step like the benches do.
 """
 
@@ -283,6 +283,35 @@ def run_max_context(args: argparse.Namespace) -> int:
 # plan (a top-level command)
 # ----------------------------------------------------------------------------------------------------------
 
+def _register_generate(kinds, common: argparse.ArgumentParser) -> None:
+    p = kinds.add_parser(
+        "generate", parents=[common, _config_flags()],
+        help="KV-cache generation: prefill and decode tokens/s beside transformers' generate (gpt2)",
+        description="Greedy generation of exactly --new-tokens tokens per row on a random GPT-2 of the config's "
+                    "shapes, the same weights in transformers (PyTorch CPU, sdpa, its KV cache): prefill tokens/s, "
+                    "decode tokens/s (total - prefill), whether the tokens agree. See docs/benchmarks.md.")
+    p.add_argument("--batches", default="1", metavar="B,...", help="batch sizes (default 1)")
+    p.add_argument("--prompts", required=True, metavar="T,...", help="prompt lengths in tokens")
+    p.add_argument("--new-tokens", type=int, default=128, metavar="N", help="tokens generated per row (default 128)")
+    p.add_argument("--no-hf", dest="compare_hf", action="store_false", help="skip the transformers side")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """`jaxctx bench generate`: validate, run the sweep, print the table, save the files."""
+    from jaxctx.bench import report
+    from jaxctx.bench.generate import GenerateBenchConfig, run_generate_bench
+
+    cfg = GenerateBenchConfig(
+        config=args.config, overrides=tuple(args.overrides), batches=parse_int_list(args.batches, "--batches"),
+        prompts=parse_int_list(args.prompts, "--prompts"), new_tokens=args.new_tokens, repeats=args.repeats,
+        warmup=args.warmup, compare_hf=args.compare_hf).validated()
+    paths = report.output_paths(args.out) if args.out else None
+    result = run_generate_bench(cfg, progress=_progress, on_row=_saver(paths))
+    _finish(result, paths)
+    return 0
+
+
 def _register_plan(subparsers) -> None:
     p = subparsers.add_parser(
         "plan", parents=[_config_flags()],
@@ -310,4 +339,4 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0 if result["fits"] in (True, None) else 1
 
 
-_BENCHES = (_register_attention, _register_train, _register_max_context)
+_BENCHES = (_register_attention, _register_train, _register_max_context, _register_generate)

@@ -112,6 +112,23 @@ LAYOUTS: dict[str, Layout] = {
         x="seq_len", x_label="sequence length T (probes)", series="label", budget_panel="total_gib",
         budget_unit=GIB, plot_rows="probes",
     ),
+    "generate": Layout(
+        columns=(
+            Column("impl", "impl"),
+            Column("batch", "B"),
+            Column("prompt", "prompt"),
+            Column("new_tokens", "new"),
+            Column("prefill_s", "prefill s", _f(3)),
+            Column("prefill_tokens_per_s", "prefill tok/s", _f(0)),
+            Column("decode_s", "decode s", _f(3)),
+            Column("decode_tokens_per_s", "decode tok/s", _f(1)),
+            Column("decode_speedup_vs_hf", "decode vs HF", lambda v: f"{v:.2f}x"),
+            Column("compile_s", "compile s", _f(1)),
+            Column("first_difference", "tokens differ at"),
+        ),
+        panels=(Panel("decode_tokens_per_s", "decode tokens/s"), Panel("prefill_tokens_per_s", "prefill tokens/s")),
+        x="prompt", x_label="prompt length (tokens)", series="label",
+    ),
 }
 
 
@@ -164,6 +181,10 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"{cfg.get('config') or '(embedded default)'}: budget {b['gib']:g} GiB per device counting "
                      f"{b['counted']}; remat_policy={cfg.get('remat_policy_used')} for every variant; "
                      f"batch {cfg.get('batch_used')}; {result.get('search', '')}")
+    if result["bench"] == "generate":
+        lines.append(f"{cfg.get('config') or '(embedded default)'}: {cfg.get('layers')} layers x {cfg.get('d_model')}, "
+                     f"{cfg.get('params', 0) / 1e6:.1f}M params, greedy, {cfg.get('new_tokens')} new tokens; "
+                     f"{result.get('timing', '')}")
     if "flop_convention" in result:
         lines.append(f"FLOPs: {result['flop_convention']}")
     if "matmul" in result:
@@ -179,7 +200,7 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"memory budget: {budget} ({b['source']}; applies to {b.get('applies_to', 'temp memory')})")
     lines += ["", format_table(result["rows"], layout.columns)]
     if result.get("ratios"):
-        lines += ["", "max-context ratios: " + ", ".join(f"{k} = {v}x" for k, v in result["ratios"].items())]
+        lines += ["", f"{result['bench']} ratios: " + ", ".join(f"{k} = {v}x" for k, v in result["ratios"].items())]
     for label, entry in (result.get("summary") or {}).items():
         if "mfu_longest_over_shortest" in entry:
             lines.append(f"{label}: MFU at the longest T / at the shortest T = {entry['mfu_longest_over_shortest']}")

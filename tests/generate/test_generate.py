@@ -78,10 +78,10 @@ def prompt_ids(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, VOCAB, n).astype(np.int32)
 
 
-def hf_generate(model, prompt, **kwargs) -> list[int]:
+def hf_generate(model, prompt, eos=None, **kwargs) -> list[int]:
     import torch
 
-    eos = model.config.eos_token_id
+    eos = model.config.eos_token_id if eos is None else eos
     out = model.generate(torch.as_tensor(prompt[None]), do_sample=False, pad_token_id=eos, eos_token_id=eos,
                          **kwargs)
     return out[0, len(prompt):].tolist()
@@ -110,46 +110,45 @@ def test_matches_transformers_generate(pairs, family, strategy):
     assert ours.finish_reason == ("eos" if ended else "length")
 
 
-def test_beam_search_that_finishes_early_matches(tmp_path):
-    """A model whose EOS is likely, so hypotheses finish at different lengths (the finished-set bookkeeping)."""
-    import torch
-
-    model = hf_model("gpt2", tmp_path, scale=0.5)
-    with torch.no_grad():
-        model.lm_head.weight[0] += 3.0  # tied: raises EOS (id 0) logits everywhere
-    model.save_pretrained(str(tmp_path))
-    cfg, params = from_hf(str(tmp_path))
-    gen = Generator(cfg, params)
+def test_beam_search_that_finishes_early_matches(pair):
+    """EOS set to a token the model emits early, so hypotheses finish at different lengths (the finished-set
+    bookkeeping, the early-stop heuristic and length penalties all come into play)."""
+    model, gen = pair
     lengths = []
-    for seed in range(3):
+    for seed in range(2):
         prompt = prompt_ids(7, seed)
-        for strategy in (dict(num_beams=3), dict(num_beams=3, early_stopping="never", length_penalty=2.0)):
-            [ours] = gen.generate([prompt], settings_for(model, max_new_tokens=16, **strategy))
-            assert list(ours.token_ids) == hf_generate(model, prompt, max_new_tokens=16, **strategy), strategy
+        eos = gen.generate([prompt], GenerationSettings(max_new_tokens=NEW))[0].token_ids[3]
+        for strategy in (dict(num_beams=3), dict(num_beams=3, early_stopping="never", length_penalty=2.0),
+                         dict(num_beams=2, early_stopping=True, length_penalty=-1.0)):
+            [ours] = gen.generate([prompt], GenerationSettings(max_new_tokens=NEW, eos_ids=(eos,), pad_id=eos,
+                                                               **strategy))
+            theirs = hf_generate(model, prompt, max_new_tokens=NEW, eos=eos, **strategy)
+            assert list(ours.token_ids) == theirs, strategy
             lengths.append(len(ours.token_ids))
-    assert min(lengths) < 16  # some search really ended on EOS before the limit
+    assert min(lengths) < NEW  # some search really ended on EOS before the limit
 
 
 def test_cached_logits_equal_full_recomputation(tmp_path):
-    """At every decode step, the cached step's logits equal the model run on the whole sequence so far."""
-    hf_model("llama", tmp_path)
+    """At every decode step, the cached step's logits equal the model run on the whole sequence (each row alone,
+    unpadded: one full forward per row at the end gives every step's reference, the model being causal)."""
+    hf_model("llama", tmp_path, scale=0.05)
     cfg, params = from_hf(str(tmp_path))
     model = build(cfg)
     prompt, valid = decoder.left_pad([prompt_ids(5), prompt_ids(9, 1)], 16, pad_id=0)
-    prefill = jax.jit(lambda ids, ok: decoder.prefill(model, params, ids, ok, 24))
+    logits, cache = jax.jit(lambda ids, ok: decoder.prefill(model, params, ids, ok, 24))(prompt, valid)
     step = jax.jit(lambda tokens, cache, slot: decoder.decode_step(model, params, tokens, cache, slot))
-    full = jax.jit(lambda ids, seg, pos: model.apply({"params": params}, ids, segment_ids=seg, positions=pos))
-    logits, cache = prefill(prompt, valid)
     seqs = [list(prompt[r][valid[r]]) for r in range(2)]
-    worst = 0.0
+    cached = [[], []]  # per row: the logits after each prefix
     for t in range(8):
-        for r in range(2):  # reference: each row alone, unpadded
-            ref = full(np.asarray([seqs[r]], np.int32), None, None)[0, -1]
-            worst = max(worst, float(jnp.max(jnp.abs(logits[r] - ref))))
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         for r in range(2):
+            cached[r].append(np.asarray(logits[r]))
             seqs[r].append(int(tokens[r]))
         logits, cache = step(tokens, cache, 16 + t)
+    worst = 0.0
+    for r, n in enumerate((5, 9)):
+        full = np.asarray(model.apply({"params": params}, np.asarray([seqs[r]], np.int32)))[0]  # [n + 8, V]
+        worst = max(worst, float(np.max(np.abs(np.stack(cached[r]) - full[n - 1:n + 7]))))
     assert worst < 1e-5, worst
 
 
