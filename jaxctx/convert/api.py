@@ -3,6 +3,7 @@
     cfg, params = from_hf("gpt2-dir")                      # params: numpy f32, the tree build(cfg).init makes
     logits = jaxctx.models.build(cfg).apply({"params": params}, input_ids)
     to_hf(cfg, params, "out-dir", dtype="bfloat16")         # config.json + safetensors, loadable by transformers
+    to_hf(cfg, params, "out-dir", tokenizer_dir="byte")     # + the byte tokenizer, token ids, generation config
 
     import_checkpoint("gpt2-dir", "ckpt")   # `jaxctx convert from-hf`: a params-only jaxctx checkpoint
     export_checkpoint("workdir", "hf-out")  # `jaxctx convert to-hf`: latest checkpoint of a workdir/checkpoint
@@ -12,6 +13,10 @@ layout transforms and the checks; io.py the files. A from-hf checkpoint director
 (`jaxctx.checkpoint.save_params`, step 0, meta {"config", "step", "source"}) plus two extras that the checkpoint
 manager ignores: `config.yaml` (the converted config, ready for `train.py --config`) and `hf_files/` (the source
 config.json, tokenizer and generation config), which `to-hf` carries back out.
+
+An export ships the tokenizer the checkpoint was trained with (`_choose_tokenizer`; tokenizer_files.py writes the
+byte tokenizer), its bos/eos/pad ids in config.json and generation_config.json, and a README.md model card
+(model_card.py) of what the checkpoint and its workdir recorded.
 """
 
 from __future__ import annotations

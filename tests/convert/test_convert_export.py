@@ -270,3 +270,13 @@ def test_from_hf_round_trip_keeps_tokenizer_files(hf, tmp_path):
     assert [source(t)["input_ids"] for t in TEXTS] == [exported(t)["input_ids"] for t in TEXTS]
     card = open(os.path.join(out, "README.md")).read()
     assert f"converted from the Hugging Face directory `{src}`" in card
+
+
+def test_a_tokenizer_too_large_for_the_model_is_refused(saved, tmp_path, capsys):
+    _, path = saved("gpt2")  # vocab 101, no tokenizer files
+    assert main(["convert", "from-hf", path, str(tmp_path / "ckpt")]) == 0
+    capsys.readouterr()  # the fixture's save_pretrained progress bars
+    assert main(["convert", "to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--tokenizer", "byte"]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer byte has 263 ids but the model has model.vocab_size=101" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "hf").exists()
