@@ -118,7 +118,8 @@ def _vocab(directory: str) -> dict[str, int]:
 
 
 def _special_strings(directory: str) -> dict[str, str]:
-    """{"bos": "<s>", ...} from tokenizer_config.json, then special_tokens_map.json (strings or AddedToken dicts)."""
+    """{"bos": "<s>", ...} from special_tokens_map.json and tokenizer_config.json, the latter winning (it is what
+    transformers 5 reads); values are strings or AddedToken dicts."""
     out: dict[str, str] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the later file wins
         values = _read_json(os.path.join(directory, name))

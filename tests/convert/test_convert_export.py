@@ -117,6 +117,8 @@ def test_byte_tokenizer_encodes_and_decodes_as_jaxctx(tmp_path):
     # Every byte id, in a random order: invalid UTF-8 decodes to the same U+FFFD replacements.
     ids = (np.random.default_rng(0).permutation(256) + 7).tolist()
     assert tok.decode(ids) == ours.decode(ids)
+    # Ids past the vocabulary (model.vocab_size=512 > 263 ids) decode to nothing on both sides.
+    assert tok.decode([ord("a") + 7, 263, 300, 511]) == ours.decode([ord("a") + 7, 263, 300, 511]) == "a"
     # Special ids carry no text in jaxctx: skip_special_tokens gives the same string.
     with_specials = [1] + ours.encode_batch(["a é"])[0].tolist() + [2, 0, 0]
     assert tok.decode(with_specials, skip_special_tokens=True) == ours.decode(with_specials) == "a é"
