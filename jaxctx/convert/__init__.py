@@ -32,6 +32,7 @@ _EXPORTS = {
     "UnsupportedModelError": "jaxctx.convert.errors",
     "TensorMismatchError": "jaxctx.convert.errors",
     "OutputExistsError": "jaxctx.convert.errors",
+    "TokenizerNotFoundError": "jaxctx.convert.errors",
 }
 
 __all__ = sorted(_EXPORTS)

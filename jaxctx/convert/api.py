@@ -3,6 +3,7 @@
     cfg, params = from_hf("gpt2-dir")                      # params: numpy f32, the tree build(cfg).init makes
     logits = jaxctx.models.build(cfg).apply({"params": params}, input_ids)
     to_hf(cfg, params, "out-dir", dtype="bfloat16")         # config.json + safetensors, loadable by transformers
+    to_hf(cfg, params, "out-dir", tokenizer_dir="byte")     # + the byte tokenizer, token ids, generation config
 
     import_checkpoint("gpt2-dir", "ckpt")   # `jaxctx convert from-hf`: a params-only jaxctx checkpoint
     export_checkpoint("workdir", "hf-out")  # `jaxctx convert to-hf`: latest checkpoint of a workdir/checkpoint
@@ -12,6 +13,10 @@ layout transforms and the checks; io.py the files. A from-hf checkpoint director
 (`jaxctx.checkpoint.save_params`, step 0, meta {"config", "step", "source"}) plus two extras that the checkpoint
 manager ignores: `config.yaml` (the converted config, ready for `train.py --config`) and `hf_files/` (the source
 config.json, tokenizer and generation config), which `to-hf` carries back out.
+
+An export ships the tokenizer the checkpoint was trained with (`_choose_tokenizer`; tokenizer_files.py writes the
+byte tokenizer), its bos/eos/pad ids in config.json and generation_config.json, and a README.md model card
+(model_card.py) of what the checkpoint and its workdir recorded.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ import numpy as np
 
 from jaxctx import config as config_lib
 from jaxctx.config import Config, DataConfig, ModelConfig
-from jaxctx.convert import hf_bert, hf_gpt2, hf_llama, io, mapping
-from jaxctx.convert.errors import ConvertError, TensorMismatchError, UnsupportedModelError
+from jaxctx.convert import hf_bert, hf_gpt2, hf_llama, io, mapping, model_card, tokenizer_files
+from jaxctx.convert.errors import (ConvertError, TensorMismatchError, TokenizerNotFoundError,
+                                   UnsupportedModelError)
 
 FAMILIES = {module.MODEL_TYPE: module for module in (hf_gpt2, hf_bert, hf_llama)}  # HF model_type = our family
 HF_FILES = "hf_files"  # side directory of a from-hf checkpoint
+GENERATION_FILE = "generation_config.json"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -137,12 +144,14 @@ def _extend_positions(model: ModelConfig, flat: dict, max_positions: int | None,
 
 def to_hf(cfg: Config | ModelConfig, params, out_dir: str, *, dtype: str = "float32",
           shard_size: str | int = "5GB", force: bool = False, hf_config: dict | None = None,
-          tokenizer_dir: str | None = None) -> str:
+          tokenizer_dir: str | None = None, card: str | None = None) -> str:
     """Write params (either layer layout, boxed or not) as a HF directory; returns its absolute path.
 
     dtype: float32 | bfloat16 | float16 (tensors and config.json "dtype"). shard_size: above it the weights are
     sharded (model-0000k-of-0000n.safetensors + index). hf_config: a source config.json whose non-architectural
-    keys (token ids, dropout rates) are kept. tokenizer_dir: tokenizer / generation-config files copied along.
+    keys (token ids, dropout rates) are kept. tokenizer_dir: tokenizer / generation-config files copied along, or
+    "byte" to write the built-in byte tokenizer; its bos/eos/pad ids go into config.json and, for causal LMs, into
+    a generation_config.json (unless tokenizer_dir brings its own). card: README.md text.
     OUT_DIR appears only once complete; a non-empty OUT_DIR is refused unless force.
     """
     model = cfg.resolved().model if isinstance(cfg, Config) else cfg
@@ -167,10 +176,26 @@ def to_hf(cfg: Config | ModelConfig, params, out_dir: str, *, dtype: str = "floa
     config_json = {key: hf_config[key] for key in family.CARRY_KEYS if hf_config and key in hf_config}
     config_json.update(family.config_to_hf(model))
     config_json["dtype"] = dtype
-    with io.output_dir(out_dir, force=force, sources=tuple(d for d in (tokenizer_dir,) if d)) as tmp:
+    is_byte = tokenizer_dir == "byte"
+    if tokenizer_dir is not None:
+        tokenizer_files.check_fits(tokenizer_dir, model.vocab_size)
+        # The tokenizer's own ids win over carried ones: config.json must describe the tokenizer shipped with it.
+        config_json.update(tokenizer_files.byte_token_ids() if is_byte else tokenizer_files.token_ids(tokenizer_dir))
+    ids = {key: config_json[key] for key in tokenizer_files.TOKEN_ID_KEYS if config_json.get(key) is not None}
+    sources = tuple(d for d in (tokenizer_dir,) if d and not is_byte)
+    with io.output_dir(out_dir, force=force, sources=sources) as tmp:
         io.write_tensors(tmp, tensors, shard_bytes)
         io.write_json(os.path.join(tmp, io.CONFIG_FILE), config_json)
-        io.copy_side_files(tokenizer_dir, tmp)
+        if is_byte:
+            tokenizer_files.write_byte_tokenizer(tmp, model_max_length=model.positions)
+        else:
+            io.copy_side_files(tokenizer_dir, tmp)
+        generation = os.path.join(tmp, GENERATION_FILE)
+        if model.causal and ids and not os.path.exists(generation):  # a copied one (from-hf source) is kept
+            io.write_json(generation, ids)
+        if card is not None:
+            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+                f.write(card)
     return os.path.abspath(out_dir)
 
 
@@ -202,12 +227,19 @@ def import_checkpoint(hf_dir: str, out_dir: str, *, force: bool = False, max_pos
 
 
 def export_checkpoint(src: str, out_dir: str, *, force: bool = False, dtype: str = "float32",
-                      shard_size: str | int = "5GB", step: int | None = None) -> dict:
-    """`jaxctx convert to-hf`: a checkpoint root or training workdir (latest step) -> HF directory."""
+                      shard_size: str | int = "5GB", step: int | None = None, tokenizer: str | None = None) -> dict:
+    """`jaxctx convert to-hf`: a checkpoint root or training workdir (latest step) -> HF directory.
+
+    The export holds the weights, config.json (with the tokenizer's bos/eos/pad ids), the tokenizer (see
+    `_choose_tokenizer`; `tokenizer` = a directory or "byte" overrides it), generation_config.json for causal LMs
+    and a README.md model card of what the checkpoint and workdir recorded.
+    """
     from jaxctx.checkpoint import checkpoint_dir, load_params
 
     src = os.path.abspath(src)
     root = checkpoint_dir(src)
+    if out_dir and os.path.abspath(out_dir) in (src, root):
+        raise ConvertError(f"output directory {out_dir} would replace the input checkpoint; choose another OUT_DIR")
     params, meta = load_params(src, step=step)
     if "config" not in meta:
         raise ConvertError(f"{root}: checkpoint meta has no \"config\"; cannot tell which model it holds")
@@ -216,15 +248,44 @@ def export_checkpoint(src: str, out_dir: str, *, force: bool = False, dtype: str
     hf_config = None
     if side_dir and os.path.isfile(os.path.join(side_dir, io.CONFIG_FILE)):
         hf_config = io.read_hf_config(side_dir)
-    tokenizer_dir = side_dir if io.has_tokenizer_files(side_dir) else None
-    if tokenizer_dir is None and io.has_tokenizer_files(cfg.data.tokenizer):
-        tokenizer_dir = cfg.data.tokenizer
-    if out_dir and os.path.abspath(out_dir) in (src, root):
-        raise ConvertError(f"output directory {out_dir} would replace the input checkpoint; choose another OUT_DIR")
+    tokenizer_dir = _choose_tokenizer(root, cfg, meta, side_dir, tokenizer)
+    name = os.path.basename(os.path.abspath(out_dir)) if out_dir else "model"
+    card = model_card.model_card(cfg, name=name, step=meta.get("step"), source=src, meta=meta,
+                                 metrics=model_card.read_metrics(src, meta.get("step")), tokenizer=tokenizer_dir,
+                                 params=_count(params))
     path = to_hf(cfg, params, out_dir, dtype=dtype, shard_size=shard_size, force=force, hf_config=hf_config,
-                 tokenizer_dir=tokenizer_dir)
+                 tokenizer_dir=tokenizer_dir, card=card)
     return {"out_dir": path, "config": cfg, "step": meta.get("step"), "params": _count(params),
             "files": sorted(os.listdir(path)), "tokenizer_dir": tokenizer_dir}
+
+
+def _choose_tokenizer(root: str, cfg: Config, meta: dict, side_dir: str | None, override: str | None) -> str | None:
+    """The tokenizer an export ships: a directory to copy, "byte", or None (none known).
+
+    1. `override` (--tokenizer DIR or byte), which must be a tokenizer directory;
+    2. a from-hf import: its hf_files/ (None if the source had no tokenizer: "byte" there is only the default);
+    3. a trained checkpoint: data.tokenizer, the one it was trained with. A recorded directory that is gone is an
+       error naming it (the tokenizer cannot be guessed); data.tokenizer=byte on a model initialised from an
+       import with its own tokenizer (hf_files/) ships that one, whose vocabulary the model's embedding is.
+    """
+    if override is not None:
+        if override != "byte" and not io.has_tokenizer_files(override):
+            state = "holds no tokenizer files" if os.path.isdir(override) else "does not exist"
+            raise TokenizerNotFoundError(f"--tokenizer {override} {state}; give a directory with tokenizer.json "
+                                         f"(e.g. from `jaxctx tokenizer train`) or byte")
+        return override if override == "byte" else os.path.abspath(override)
+    side_tokenizer = side_dir if io.has_tokenizer_files(side_dir) else None
+    source = meta.get("source")
+    if isinstance(source, dict) and source.get("format") == "huggingface":
+        return side_tokenizer
+    recorded = cfg.data.tokenizer
+    if recorded == "byte":
+        return side_tokenizer or "byte"
+    if io.has_tokenizer_files(recorded):
+        return os.path.abspath(recorded)
+    state = "holds no tokenizer files" if os.path.isdir(recorded) else "does not exist (moved or deleted?)"
+    raise TokenizerNotFoundError(f"{root}: the config records data.tokenizer={recorded}, which {state}; pass "
+                                 f"--tokenizer DIR with the tokenizer this model was trained with")
 
 
 def _side_dir(src: str, root: str, cfg: Config) -> str | None:

@@ -2,6 +2,7 @@
 
     jaxctx convert from-hf HF_DIR OUT_DIR [--force] [--max-positions N [--extend-positions tile|copy|interpolate]]
     jaxctx convert to-hf CKPT_OR_WORKDIR OUT_DIR [--force] [--dtype float32|bfloat16|float16] [--shard-size 5GB]
+                         [--step N] [--tokenizer DIR|byte]
 
 Importing this module stays cheap (argparse only); the converter is imported when a command runs.
 """
@@ -47,7 +48,9 @@ def register(subparsers) -> None:
         "to-hf", help="jaxctx checkpoint or training workdir -> HF directory",
         description="Writes config.json + safetensors that transformers' AutoModelForCausalLM / "
                     "AutoModelForMaskedLM load, from a checkpoint directory or the latest checkpoint of a "
-                    "training workdir; tokenizer files found with the checkpoint are copied along.")
+                    "training workdir, with the tokenizer it was trained with (the byte tokenizer written as "
+                    "tokenizer.json, or a tokenizer directory copied), generation_config.json and a README.md "
+                    "model card.")
     dst.add_argument("src", metavar="CKPT_OR_WORKDIR", help="from-hf output, checkpoint root or training workdir")
     dst.add_argument("out_dir", metavar="OUT_DIR", help="HF directory to create")
     dst.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
@@ -56,6 +59,9 @@ def register(subparsers) -> None:
     dst.add_argument("--shard-size", default="5GB",
                      help="largest safetensors file before sharding, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     dst.add_argument("--step", type=int, help="checkpoint step to export (default: the latest)")
+    dst.add_argument("--tokenizer", metavar="DIR",
+                     help="tokenizer to ship: a tokenizer directory or 'byte' (default: the one the checkpoint "
+                          "was trained with, data.tokenizer)")
     dst.set_defaults(func=to_hf_command)
 
 
@@ -88,10 +94,15 @@ def to_hf_command(args) -> int:
 
     _quiet_orbax()
     report = export_checkpoint(args.src, args.out_dir, force=args.force, dtype=args.dtype,
-                               shard_size=args.shard_size, step=args.step)
+                               shard_size=args.shard_size, step=args.step, tokenizer=args.tokenizer)
     m = report["config"].model
     print(f"to-hf: {m.family} step {report['step']} ({report['params'] / 1e6:.2f}M params, {args.dtype}, "
           f"max_positions {m.max_positions}) -> {report['out_dir']}: {', '.join(report['files'])}")
-    if report["tokenizer_dir"] is None:
-        print("  no tokenizer files found with the checkpoint (byte tokenizer?); add your tokenizer to OUT_DIR")
+    tokenizer = report["tokenizer_dir"]
+    if tokenizer is None:
+        print("  no tokenizer files found with the checkpoint; add the model's tokenizer to OUT_DIR (or pass "
+              "--tokenizer DIR)")
+    else:
+        print(f"  tokenizer: {'the jaxctx byte tokenizer' if tokenizer == 'byte' else tokenizer}; load it with "
+              f"transformers.pipeline(..., model='{report['out_dir']}')")
     return 0

@@ -32,3 +32,7 @@ class TensorMismatchError(ConvertError):
 
 class OutputExistsError(ConvertError):
     """OUT_DIR exists and is not empty (pass --force / force=True to replace it)."""
+
+
+class TokenizerNotFoundError(errors.UserFileNotFoundError):
+    """The tokenizer directory a checkpoint's config recorded is gone, or --tokenizer names no tokenizer."""

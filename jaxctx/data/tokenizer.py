@@ -84,7 +84,9 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = np.asarray(ids, dtype=np.int64)
-        text_ids = ids[ids >= self.offset] - self.offset  # specials carry no bytes
+        # Specials carry no bytes; ids past the 256 bytes (unused rows of a larger embedding, which an untrained
+        # model can emit) carry none either -- uint8 would wrap them onto real bytes.
+        text_ids = ids[(ids >= self.offset) & (ids < self.offset + 256)] - self.offset
         return bytes(text_ids.astype(np.uint8)).decode("utf-8", errors="replace")
 
     def __repr__(self) -> str:
