@@ -79,7 +79,13 @@ def _register_attention(kinds, common: argparse.ArgumentParser) -> None:
                    help=f"comma-separated sequence lengths (default: {DEFAULT_SEQ_LENS})")
     p.add_argument("--impls", default=None, metavar="NAME,...",
                    help="comma-separated implementations: reference, xla, blockwise, cudnn (GPU, bf16/f16), "
-                        "splash (TPU), auto (default: all that run on this backend and dtype)")
+                        "splash (TPU), auto (default: all that run on this backend and dtype); or the "
+                        "context-parallel ring, all_gather (with --sequence N)")
+    p.add_argument("--sequence", type=int, default=None, metavar="N",
+                   help="ring / all_gather: split each sequence over the first N devices; rows then report "
+                        "per-device memory and the bytes each device sends per call (= per layer per step)")
+    p.add_argument("--layout", default="zigzag", metavar="NAME",
+                   help="ring / all_gather: token layout over the devices, zigzag or contiguous (default: zigzag)")
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
                    help="causal masking (default: --causal)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="q/k/v dtype (default: float32)")
@@ -152,7 +158,7 @@ def run_attention(args: argparse.Namespace) -> int:
         causal=args.causal, dtype=args.dtype, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
         head_dim=args.head_dim, block_q=args.block_q, block_k=args.block_k, repeats=args.repeats,
         warmup=args.warmup, max_temp_gb=args.max_temp_gb, matmul_size=args.matmul_size,
-        trace_dir=args.trace_dir, trace_steps=args.trace_steps,
+        trace_dir=args.trace_dir, trace_steps=args.trace_steps, sequence=args.sequence, layout=args.layout,
     ).validated()  # fail on bad input before the (slow) matmul reference and sweep start
     paths = report.output_paths(args.out) if args.out else None
 

@@ -61,6 +61,7 @@ LAYOUTS: dict[str, Layout] = {
     "attention": Layout(
         columns=(
             Column("impl", "impl"),
+            Column("sequence", "N"),
             Column("seq_len", "T"),
             Column("fwd_ms", "fwd ms", _f(2)),
             Column("fwd_bwd_ms", "fwd+bwd ms", _f(2)),
@@ -69,6 +70,8 @@ LAYOUTS: dict[str, Layout] = {
             Column("fwd_bwd_matmul_fraction", "f+b/matmul", _pct),
             Column("fwd_temp_mib", "fwd temp MiB", _f(1)),
             Column("fwd_bwd_temp_mib", "f+b temp MiB", _f(1)),
+            Column("fwd_sent_mib", "fwd sent MiB", _f(2)),
+            Column("fwd_bwd_sent_mib", "f+b sent MiB", _f(2)),
             Column("status", "status"),
         ),
         panels=(Panel("fwd_bwd_ms", "fwd+bwd time (ms)"), Panel("fwd_bwd_temp_mib", "fwd+bwd temp memory (MiB)")),

@@ -10,8 +10,8 @@ from jaxctx.ops.feedforward import (blockwise_feedforward, chunked_cross_entropy
 
 __all__ += ["blockwise_feedforward", "chunked_cross_entropy", "cross_entropy", "project_logits",
             "token_cross_entropy"]
-from jaxctx.ops.ring import (from_layout, from_layout_index, ring_attention, ring_attention_in_layout, ring_work,
-                             to_layout, to_layout_index)
+from jaxctx.ops.ring import (from_layout, from_layout_index, ring_attention, ring_attention_in_layout, ring_traffic,
+                             ring_work, to_layout, to_layout_index)
 
-__all__ += ["from_layout", "from_layout_index", "ring_attention", "ring_attention_in_layout", "ring_work",
-            "to_layout", "to_layout_index"]
+__all__ += ["from_layout", "from_layout_index", "ring_attention", "ring_attention_in_layout", "ring_traffic",
+            "ring_work", "to_layout", "to_layout_index"]

@@ -156,6 +156,40 @@ def ring_work(t: int, n: int, *, layout: str = "zigzag", causal: bool = True, bl
     return work
 
 
+def ring_traffic(batch: int, seq_len: int, kv_heads: int, head_dim: int, n: int, *, strategy: str = "ring",
+                 dtype="float32", segment_ids: bool = False, position_rows: int = 1, block_q: int | None = None,
+                 block_k: int | None = None) -> dict[str, dict[str, int]]:
+    """Bytes one device sends per call of `ring_attention_in_layout`, by phase and collective, from the shapes.
+
+    {"fwd": {op: bytes}, "bwd": {op: bytes}}, op an HLO collective name. Follows what the kernel sends, for k/v
+    [batch, seq_len, kv_heads, head_dim] of `dtype` split over n devices, positions [position_rows, seq_len]
+    int32 and (if `segment_ids`, or when the local blocks pad) segment ids [batch, seq_len] int32. Each device
+    holds one chunk: K/V of Tl = seq_len / n tokens (padded to the blocks), plus their positions and segments.
+    - ring, forward: the chunk makes n-1 hops (no hop after the last step);
+    - ring, backward: the chunk makes n-1 hops again, and its f32 dK/dV make n (the last one home);
+    - all_gather, forward: the chunks are gathered ((n-1) chunks arrive at, and leave, every device);
+    - all_gather, backward: gathered again (nothing O(T) is saved), and the f32 dK/dV reduce-scattered.
+    `jaxctx.bench.collectives.collective_bytes` counts the same from a compiled program (tested).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"ring attention strategy={strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
+    if n < 1 or seq_len % n:
+        raise ValueError(f"ring_traffic: seq_len={seq_len} must be divisible by the axis size n={n}")
+    tl = seq_len // n
+    tl_pad = round_up(tl, math.lcm(pick_block(block_q, tl), pick_block(block_k, tl)))
+    has_seg = segment_ids or tl_pad != tl  # _local_inputs adds segments to hide padded keys
+    kv = 2 * batch * tl_pad * kv_heads * head_dim * jnp.dtype(dtype).itemsize  # K and V of one chunk
+    chunk = kv + 4 * tl_pad * (position_rows + (batch if has_seg else 0))  # + int32 positions and segments
+    grads = 2 * batch * tl_pad * kv_heads * head_dim * 4  # f32 dK and dV of one chunk
+    if n == 1:
+        return {"fwd": {}, "bwd": {}}
+    if strategy == "ring":
+        return {"fwd": {"collective-permute": (n - 1) * chunk},
+                "bwd": {"collective-permute": (n - 1) * chunk + n * grads}}
+    return {"fwd": {"all-gather": (n - 1) * chunk},
+            "bwd": {"all-gather": (n - 1) * chunk, "reduce-scatter": (n - 1) * grads}}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------------------------------------

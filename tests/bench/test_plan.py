@@ -86,3 +86,53 @@ def test_plan_bad_input_is_a_clear_error(capsys):
     assert main(["plan", "--config", TINY, "--set", "model.remat_policy=sometimes"]) == 2
     err = capsys.readouterr().err
     assert "model.remat_policy='sometimes' is not one of" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Context parallelism: what the interconnect carries
+# ----------------------------------------------------------------------------------------------------------
+
+CP = ["--set", "parallel.sequence=4", "--set", "train.batch_size=2"]
+
+
+def _expected_per_layer(strategy):
+    """ring_traffic for the tiny config's per-device share: 2 rows, 128 / 4 tokens, 2 kv heads of 32, f32."""
+    from jaxctx.ops.ring import ring_traffic
+
+    t = ring_traffic(2, 128, 2, 32, 4, strategy=strategy, segment_ids=True)
+    return sum(t["fwd"].values()), sum(t["bwd"].values())
+
+
+def test_plan_shows_bytes_sent_per_layer_under_context_parallelism(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--config", TINY, "--devices", "4", *CP, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "interconnect, bytes each device sends per step: parallel.sequence=4" in text
+    assert "ring (configured)" in text and "all_gather" in text and "compiled step" in text
+    c = json.loads(out.read_text())["communication"]
+    assert (c["sequence"], c["strategy"], c["layers"], c["rows_per_device"]) == (4, "ring", 2, 2)
+    for strategy in ("ring", "all_gather"):
+        fwd, bwd = _expected_per_layer(strategy)
+        t = c["per_layer"][strategy]
+        assert (t["fwd_bytes"], t["bwd_bytes"], t["per_step_bytes"]) == (fwd, bwd, 2 * (fwd + bwd))
+    # The compiled step (remat_policy=none): the ring kernel's collectives are exactly 2 layers x fwd+bwd.
+    assert c["compiled_attention_by_op"] == {"collective-permute": c["per_layer"]["ring"]["per_step_bytes"]}
+    # The rest of the step: parameters are replicated over `sequence`, so gradients are all-reduced over it.
+    assert c["compiled_step_by_op"]["all-reduce"] > 0
+    assert c["compiled_step_bytes"] > c["compiled_attention_bytes"]
+
+
+def test_plan_without_context_parallelism_has_no_traffic(plan):
+    assert plan["communication"] is None
+
+
+@pytest.mark.slow  # two ~20 s step compiles on 4 fake devices
+@pytest.mark.parametrize("strategy", ["ring", "all_gather"])
+def test_plan_full_remat_recomputes_the_ring_forward(strategy):
+    """remat_policy=full reruns each layer's forward in the backward pass: the ring sends its forward hops
+    again; all_gather's recomputed gather is the backward's re-gather (XLA shares them), so nothing more."""
+    result = run_plan(TINY, ("parallel.sequence=4", "train.batch_size=2", "model.remat_policy=full",
+                             f"model.context_parallel={strategy}"), devices=4)
+    fwd, bwd = _expected_per_layer(strategy)
+    extra = fwd if strategy == "ring" else 0
+    assert result["communication"]["compiled_attention_bytes"] == 2 * (fwd + bwd + extra)
