@@ -323,6 +323,11 @@ def prepare_argv(cmd: Command) -> list[str] | None:
         for action in parser._actions:
             if action.required and action.option_strings and not given & set(action.option_strings):
                 argv += [action.option_strings[0]] + ([_sample(action)] if action.nargs != 0 else [])
+        for group in parser._mutually_exclusive_groups:  # e.g. --checkpoint | --hf: one is required
+            flags = {f for action in group._group_actions for f in action.option_strings}
+            if group.required and not given & flags:
+                action = group._group_actions[0]
+                argv += [action.option_strings[0]] + ([_sample(action)] if action.nargs != 0 else [])
     return argv
 
 

@@ -1,10 +1,14 @@
 """Perplexity over a corpus by the sliding-window method, and the per-position loss curve.
 
 The corpus is tokenized document by document and joined into one stream with the tokenizer's separator
-(EOS, as training packs documents). Windows of seq_len tokens start every `stride` tokens (transformers'
-perplexity guide): each window scores only the targets the previous window did not reach, with everything
-before them as context, so with stride < seq_len every scored token has at least seq_len - stride tokens of
-context. The last window ends at the end of the stream.
+(EOS, as training packs documents). Windows of seq_len tokens start every `stride` tokens, exactly as in
+transformers' perplexity guide ("Perplexity of fixed-length models"): each window labels only the tokens the
+previous window did not reach, with everything before them as context, so with stride < seq_len every scored
+token has at least seq_len - stride tokens of context; the last window ends at the end of the stream. As in the
+guide, a window's first token is never a target (nothing precedes it in the window), so with stride == seq_len
+one token per window goes unscored. One difference, on purpose: the guide weights each window's mean loss by
+(labelled tokens - 1), which is one token off whenever stride < seq_len; here every scored token counts once,
+so the perplexity is exactly exp(sum of token losses / tokens scored).
 
 The per-position curve uses every position of every window (context positions too, which the model computes
 anyway): the loss of predicting the token at window offset j+1 from the j+1 tokens before it, averaged within
@@ -34,11 +38,11 @@ class Window:
 
 
 def sliding_windows(num_tokens: int, seq_len: int, stride: int) -> list[Window]:
-    """The windows of transformers' sliding-window perplexity: every target 1..num_tokens-1 scored exactly once."""
+    """The windows of transformers' sliding-window perplexity; a target is scored at most once."""
     if not 0 < stride <= seq_len:
         raise ValueError(f"stride={stride} must be in [1, seq_len={seq_len}]")
-    windows, scored_to = [], 1  # token 0 has no context: never a target
-    for begin in range(0, max(num_tokens - 1, 1), stride):
+    windows, scored_to = [], 0
+    for begin in range(0, num_tokens, stride):
         end = min(begin + seq_len, num_tokens)
         windows.append(Window(begin, end, scored_to))
         scored_to = end

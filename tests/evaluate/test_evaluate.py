@@ -27,7 +27,7 @@ def gpt2(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("gpt2")
     torch.manual_seed(0)
-    model = T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_head=4, n_layer=2, vocab_size=263, n_positions=64,
+    model = T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_head=4, n_layer=2, vocab_size=263, n_positions=160,
                                            bos_token_id=1, eos_token_id=2)).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -36,8 +36,10 @@ def gpt2(tmp_path_factory):
     return model, str(path)
 
 
-def hf_sliding_window_perplexity(model, ids: np.ndarray, seq_len: int, stride: int) -> float:
-    """transformers' perplexity guide (docs: perplexity of fixed-length models), written out with torch."""
+def hf_sliding_window_perplexity(model, ids: np.ndarray, seq_len: int, stride: int) -> tuple[float, int]:
+    """transformers' perplexity guide (fixed-length models) written out with torch: its windows and labels
+    (-100 on context), the loss summed per labelled token (the guide weights the window mean by labels - 1,
+    one token off when stride < seq_len). -> (perplexity, tokens scored)."""
     import torch
 
     encodings = torch.as_tensor(ids[None], dtype=torch.long)
@@ -49,14 +51,16 @@ def hf_sliding_window_perplexity(model, ids: np.ndarray, seq_len: int, stride: i
         target_ids = input_ids.clone()
         target_ids[:, :-trg_len] = -100
         with torch.no_grad():
-            loss = model(input_ids, labels=target_ids).loss
-        valid = (target_ids != -100).sum().item() - target_ids.size(0)  # the labels are shifted inside
-        nll_sum += loss.item() * valid
-        n_tokens += valid
+            logits = model(input_ids).logits[:, :-1]
+        labels = target_ids[:, 1:]  # the shift inside transformers' causal-LM loss
+        losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                                   ignore_index=-100, reduction="none")
+        nll_sum += losses.sum().item()
+        n_tokens += int((labels != -100).sum())
         prev_end = end
         if end == encodings.size(1):
             break
-    return math.exp(nll_sum / n_tokens)
+    return math.exp(nll_sum / n_tokens), n_tokens
 
 
 @pytest.mark.parametrize("seq_len,stride", [(64, 64), (64, 16), (40, 24)])
@@ -65,18 +69,22 @@ def test_perplexity_equals_transformers_recipe(gpt2, seq_len, stride):
     cfg, params = from_hf(path)
     ids = np.random.default_rng(1).integers(7, 263, 301).astype(np.int32)
     ours = evaluate_stream(build(cfg), params, ids, seq_len, stride, batch_size=3)
-    assert ours.perplexity == pytest.approx(hf_sliding_window_perplexity(model, ids, seq_len, stride), rel=1e-5)
-    assert ours.tokens_scored == ids.size - 1  # every target once
+    theirs, scored = hf_sliding_window_perplexity(model, ids, seq_len, stride)
+    assert ours.perplexity == pytest.approx(theirs, rel=1e-5)
+    assert ours.tokens_scored == scored
 
 
-def test_every_target_is_scored_once_and_has_the_promised_context():
+def test_windows_score_each_target_at_most_once_with_the_promised_context():
     for n, t, s in [(301, 64, 16), (64, 64, 64), (65, 64, 7), (10, 64, 3), (1000, 100, 100)]:
+        windows = sliding_windows(n, t, s)
         scored = []
-        for w in sliding_windows(n, t, s):
+        for w in windows:
             targets = list(range(max(w.score_from, w.begin + 1), w.end))
-            assert all(j - w.begin >= min(t - s, j) for j in targets if w.begin > 0)  # context >= T - S
+            assert all(j - w.begin >= min(t - s, j) for j in targets)  # context >= T - S (or all before it)
             scored += targets
-        assert scored == list(range(1, n)), (n, t, s)
+        assert windows[-1].end == n and scored == sorted(set(scored))
+        unscored = set(range(1, n)) - set(scored)  # stride == T: each later window's first token only
+        assert unscored == ({w.begin for w in windows[1:]} if s == t else set()), (n, t, s)
     assert position_buckets(64) == [(1, 2), (2, 4), (4, 8), (8, 16), (16, 32), (32, 64)]
     assert position_buckets(40)[-1] == (32, 40)
 
@@ -117,7 +125,7 @@ def test_eval_command_writes_what_it_prints(gpt2, tmp_path, capsys):
     cfg, params = from_hf(path)
     direct = evaluate_stream(build(cfg), params, ids, 64, 32)
     assert result["perplexity"] == pytest.approx(direct.perplexity, rel=1e-6)
-    assert result["tokens_scored"] == ids.size - 1
+    assert result["tokens_scored"] == direct.tokens_scored == ids.size - 1  # stride < seq_len: every target
     assert out.with_suffix(".csv").read_text().splitlines()[0].startswith("context_from,context_to,mean_loss")
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(argv) == 2  # the result exists: kept unless --force
@@ -131,7 +139,8 @@ def test_passkey_prompts_hold_the_key_at_the_depth():
         return tok.encode_batch([text])[0]
 
     prompts = passkey.make_prompts(encode, [300, 1000], [0.0, 0.5, 1.0], trials=2, seed=7)
-    assert prompts == passkey.make_prompts(encode, [300, 1000], [0.0, 0.5, 1.0], trials=2, seed=7)
+    again = passkey.make_prompts(encode, [300, 1000], [0.0, 0.5, 1.0], trials=2, seed=7)
+    assert [(p.key, p.ids.tolist()) for p in prompts] == [(p.key, p.ids.tolist()) for p in again]
     filler = len(encode(passkey.FILLER))
     for p in prompts:
         text = tok.decode(p.ids)
@@ -151,15 +160,15 @@ def test_passkey_command(gpt2, tmp_path, capsys):
 
     _, path = gpt2
     out = tmp_path / "pk.json"
-    assert cli.main(["eval", "passkey", "--hf", path, "--tokenizer", "byte", "--lengths", "48,56", "--depths",
+    assert cli.main(["eval", "passkey", "--hf", path, "--tokenizer", "byte", "--lengths", "110,140", "--depths",
                      "0,1", "--trials", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [(r["length"], r["depth"], r["trials"]) for r in result["rows"]] == [
-        (48, 0.0, 2), (48, 1.0, 2), (56, 0.0, 2), (56, 1.0, 2)]
+        (110, 0.0, 2), (110, 1.0, 2), (140, 0.0, 2), (140, 1.0, 2)]
     assert f"passkey accuracy {result['accuracy']:.1%}" in capsys.readouterr().out
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(["eval", "passkey", "--hf", path, "--tokenizer", "byte", "--lengths", "500"]) == 2
-    assert "max_positions=64" in capsys.readouterr().err
+    assert "max_positions=160" in capsys.readouterr().err
 
 
 def test_fill_mask_equals_transformers_pipeline(tmp_path, capsys):

@@ -42,7 +42,8 @@ def hf_model(name: str, path, scale: float = 0.5):
     import torch
     import transformers as T
 
-    cls = (T.GPT2Config, T.GPT2LMHeadModel) if name == "gpt2" else (T.LlamaConfig, T.LlamaForCausalLM)
+    gpt2 = name.startswith("gpt2")
+    cls = (T.GPT2Config, T.GPT2LMHeadModel) if gpt2 else (T.LlamaConfig, T.LlamaForCausalLM)
     torch.manual_seed(0)
     model = cls[1](cls[0](**HF_CONFIGS[name])).eval()
     with torch.no_grad():
