@@ -48,8 +48,12 @@ class Generator:
                                 f"generate needs a gpt2 or llama model (use fill-mask for bert)")
         if truncate not in ("error", "left"):
             raise GenerateError(f"truncate={truncate!r} must be 'error' or 'left'")
-        # Generation never takes gradients: no rematerialisation.
-        self.model_cfg = dataclasses.replace(model_cfg, remat_policy="none", remat_group_size=0)
+        # Generation never takes gradients: no rematerialisation. And the layers run unrolled: a scanned stack
+        # slices (copies) every layer's weights out of the stacked arrays on each call, which for one new token
+        # costs as much again as reading them (GPT-2 6x512 on CPU: 23.5 vs 12.5 ms per token for the layers).
+        if model_cfg.scan_layers:
+            params = models.unstack_layers(dict(params))
+        self.model_cfg = dataclasses.replace(model_cfg, remat_policy="none", remat_group_size=0, scan_layers=False)
         self.model = models.build(self.model_cfg)
         self.params = jax.device_put(params)
         self.truncate = truncate
