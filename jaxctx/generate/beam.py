@@ -41,7 +41,8 @@ def beam_loop(model, params, prompt: jax.Array, valid: jax.Array, settings: Gene
     logits, cache = prefill(model, params, prompt, valid, p + n)
     vocab = logits.shape[-1]
     # Every beam starts from the prompt: repeat the rows K times ([B*K, ...], beam-major within a prompt).
-    cache = Cache(jnp.repeat(cache.k, k_beams, axis=1), jnp.repeat(cache.v, k_beams, axis=1),
+    cache = Cache(tuple(jnp.repeat(x, k_beams, axis=0) for x in cache.k),
+                  tuple(jnp.repeat(x, k_beams, axis=0) for x in cache.v),
                   jnp.repeat(cache.slot_valid, k_beams, axis=0), jnp.repeat(cache.next_position, k_beams, axis=0))
     logits = jnp.repeat(logits, k_beams, axis=0)  # [B*K, V]
     seen = None
@@ -92,7 +93,8 @@ def beam_loop(model, params, prompt: jax.Array, valid: jax.Array, settings: Gene
 
         # Reorder the cache rows to the new beams' parents, then feed each beam's newest token.
         rows = (jnp.arange(b)[:, None] * k_beams + parent).reshape(-1)  # [B*K]
-        cache = Cache(cache.k[:, rows], cache.v[:, rows], cache.slot_valid[rows], cache.next_position[rows])
+        cache = Cache(tuple(x[rows] for x in cache.k), tuple(x[rows] for x in cache.v), cache.slot_valid[rows],
+                      cache.next_position[rows])
         new_tokens = next_seq[:, :, step].reshape(-1)
         if seen is not None:
             seen = processors.mark_seen(seen[rows], new_tokens)

@@ -4,7 +4,8 @@ Layout of a batch (B rows, prompts of different lengths): prompts are left-padde
 of two, at least 16, so a handful of shapes cover every prompt), so every row writes its t-th new token at the
 same cache slot P + t. The cache is preallocated: keys and values [L, B, S, Hkv, Dh] with S = P +
 max_new_tokens, plus slot_valid [B, S] (padding slots stay False) and each row's next position (positions count
-real tokens only, so a padded row sees exactly what it would alone).
+real tokens only, so a padded row sees exactly what it would alone). The model runs unrolled and each layer
+has its own key and value buffers, updated in place: nothing per token copies the cache.
 
 Prefill runs the prompt through the model's normal attention path (the blockwise kernel: O(T) memory for a long
 prompt), with padding as segment 0 and the prompt as segment 1; each later token attends to the cache through
@@ -29,7 +30,8 @@ MIN_BUCKET = 16
 
 
 class Cache(NamedTuple):
-    """The decode state of a batch: k, v [L, B, S, Hkv, Dh]; slot_valid [B, S] bool; next_position [B] int32."""
+    """The decode state of a batch: k, v (L per-layer buffers [B, S, Hkv, Dh], each updated in place by the
+    loop); slot_valid [B, S] bool; next_position [B] int32. Needs an unscanned model (`Generator` unrolls)."""
 
     k: jax.Array
     v: jax.Array
@@ -59,27 +61,29 @@ def prefill(model, params, prompt: jax.Array, valid: jax.Array, cache_slots: int
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)  # [B, P]: 0 at the first token
     logits, (k, v) = model.apply({"params": params}, prompt, positions, PrefillCache(),
                                  segment_ids=valid.astype(jnp.int32), method="extend")  # k, v [L, B, P, Hkv, Dh]
-    shape = (k.shape[0], b, cache_slots) + k.shape[3:]
-    cache_k = jax.lax.dynamic_update_slice(jnp.zeros(shape, k.dtype), k, (0, 0, 0, 0, 0))
-    cache_v = jax.lax.dynamic_update_slice(jnp.zeros(shape, v.dtype), v, (0, 0, 0, 0, 0))
+    shape = (b, cache_slots) + k.shape[3:]
+
+    def buffers(x):  # [L, B, P, Hkv, Dh] -> L buffers [B, S, Hkv, Dh] holding the prompt in slots [0, P)
+        return tuple(jax.lax.dynamic_update_slice(jnp.zeros(shape, x.dtype), x[i], (0, 0, 0, 0))
+                     for i in range(x.shape[0]))
+
     slot_valid = jnp.zeros((b, cache_slots), bool).at[:, :p].set(valid)
-    return logits, Cache(cache_k, cache_v, slot_valid, positions[:, -1] + 1)
+    return logits, Cache(buffers(k), buffers(v), slot_valid, positions[:, -1] + 1)
 
 
 def decode_step(model, params, tokens: jax.Array, cache: Cache, slot: jax.Array) -> tuple[jax.Array, Cache]:
     """Feed tokens [B] at cache slot `slot` -> (next-token logits [B, V] f32, the cache with that slot written)."""
-    num_layers = cache.k.shape[0]
     slot_valid = cache.slot_valid.at[:, slot].set(True)
     index = jnp.asarray(slot, jnp.int32)
-    view = DecodeCache(cache.k, cache.v, jnp.broadcast_to(index, (num_layers,)),
-                       jnp.broadcast_to(slot_valid, (num_layers,) + slot_valid.shape))  # every field [L, ...]
+    view = DecodeCache(cache.k, cache.v, index, cache.slot_valid)  # the new slot is read as a new key, not cached
     logits, (k, v) = model.apply({"params": params}, tokens[:, None], cache.next_position[:, None], view,
                                  method="extend")  # k, v [L, B, 1, Hkv, Dh]
-    start = (0, 0, index, 0, 0)
-    cache = Cache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
-                  jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start),
-                  slot_valid, cache.next_position + 1)
-    return logits, cache
+    start = (0, index, 0, 0)
+
+    def write(buffers, new):  # in place: each buffer is loop state that nothing else reads
+        return tuple(jax.lax.dynamic_update_slice(x, new[i].astype(x.dtype), start) for i, x in enumerate(buffers))
+
+    return logits, Cache(write(cache.k, k), write(cache.v, v), slot_valid, cache.next_position + 1)
 
 
 def end_reason(tokens: jax.Array, knobs: Knobs) -> jax.Array:

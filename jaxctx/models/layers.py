@@ -231,11 +231,8 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         n = context_parallel_size()
-        if isinstance(cache, DecodeCache):  # the new keys go to their slots, then the queries read the cache
-            start = (0, cache.index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)  # [B, S, Hkv, Dh]
-            v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
-            out = cached_attention(q, k_all, v_all, cache.index, cache.slot_valid)  # [B, t, H, Dh]
+        if isinstance(cache, DecodeCache):  # queries read the cache and the new keys; the caller writes them
+            out = cached_attention(q, cache.k, cache.v, k, v, cache.index, cache.slot_valid)  # [B, t, H, Dh]
         elif n > 1:  # tokens in zigzag layout, T split over the `sequence` axis; masks by original position
             positions = jnp.asarray(to_layout_index(q.shape[1], n), jnp.int32)  # [T]
             out = ring_attention_in_layout(q, k, v, positions, mesh=context_mesh(), axis=SEQUENCE_AXIS,

@@ -27,8 +27,13 @@ def test_matches_reference_with_left_padding(h, hkv):
     slot_valid = (np.arange(s)[None] >= pads[:, None]) & (np.arange(s)[None] < index + t)  # [B, S]
     segments = jnp.asarray(slot_valid, jnp.int32)  # padding and unwritten slots: their own segment
 
-    def ours(q, k, v):
-        return cached_attention(q[:, index:index + t], k, v, jnp.int32(index), jnp.asarray(slot_valid))
+    def ours(q, k, v):  # the cache's slots from index on hold garbage: they must not be read
+        garbage = jnp.full_like(k[:, index:], 1e3)
+        k_cache = jnp.concatenate([k[:, :index], garbage], axis=1)
+        v_cache = jnp.concatenate([v[:, :index], garbage], axis=1)
+        new = slice(index, index + t)
+        return cached_attention(q[:, new], k_cache, v_cache, k[:, new], v[:, new], jnp.int32(index),
+                                jnp.asarray(slot_valid))
 
     def reference(q, k, v):
         return reference_attention(q, k, v, causal=True, segment_ids=segments)[:, index:index + t]
@@ -41,13 +46,15 @@ def test_matches_reference_with_left_padding(h, hkv):
         np.testing.assert_allclose(g_ours, g_ref, atol=1e-5)
 
 
-def test_a_row_that_sees_nothing_returns_zeros():
+def test_a_query_sees_its_own_key_and_valid_slots_only():
     q, k, v = _inputs(1, 8, 2, 2, 4)
-    out = cached_attention(q[:, :1], k, v, jnp.int32(0), jnp.zeros((1, 8), bool))
-    assert np.all(np.asarray(out) == 0)
+    out = cached_attention(q[:, 3:4], k, v, k[:, 3:4], v[:, 3:4], jnp.int32(3), jnp.zeros((1, 8), bool))
+    np.testing.assert_allclose(out, v[:, 3:4].repeat(1, axis=2), atol=1e-6)  # only itself: its own value
+    empty = cached_attention(q[:, :1], k, v, k[:, :1], v[:, :1] * 0, jnp.int32(0), jnp.zeros((1, 8), bool))
+    assert np.all(np.asarray(empty) == 0)
 
 
 def test_shape_errors_name_the_shapes():
     q, k, v = _inputs(1, 8, 3, 2, 4)
     with pytest.raises(ValueError, match="H % Hkv"):
-        cached_attention(q, k, v, jnp.int32(0), jnp.ones((1, 8), bool))
+        cached_attention(q, k, v, k, v, jnp.int32(0), jnp.ones((1, 8), bool))
