@@ -4,8 +4,8 @@ Registered by `jaxctx.cli` through `register(subparsers)`. Only argparse runs at
 modules are imported when a bench actually runs, so `jaxctx --help` stays instant.
 
 Each bench kind is one `_register_<kind>` function added to `_BENCHES` (attention, train, max-context,
-generate); the timed benches share the output/timing flags of `_common_flags()`. `register` also adds the top-level `jaxctx plan`,
-which compiles one config's step like the benches do.
+generate); the timed benches share the output/timing flags of `_common_flags()`. `register` also adds the
+top-level `jaxctx plan`, which compiles one config's step like the benches do.
 """
 
 from __future__ import annotations

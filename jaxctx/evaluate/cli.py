@@ -117,6 +117,9 @@ def corpus_stream(model, source: str, split: str, max_documents: int):
     data = dataclasses.replace(model.cfg.data, source=source, max_documents=max_documents, streaming=False,
                                validation_fraction=0.0 if split == "all" else model.cfg.data.validation_fraction)
     data.validate()
+    import datasets
+
+    datasets.disable_progress_bars()  # the command prints its own summary; bars would interleave with it
     docs = load_documents(data, "train" if split == "all" else split).dataset
     texts = docs["text"]
     separator = model.tokenizer.special.separator(model.cfg.model.causal)
