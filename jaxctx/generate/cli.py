@@ -17,17 +17,8 @@ import os
 import sys
 import time
 
+from jaxctx.convert.cli import _positive_int
 from jaxctx.errors import UsageError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
