@@ -8,13 +8,15 @@ The mesh has four axes, sized by `parallel.*` in the config:
 
 Models name the axes of every parameter and activation logically ("embed", "heads", "activation_batch", ...);
 `LOGICAL_RULES` maps those names to mesh axes. A batch's rows are split over (data, fsdp) together and its
-length over `sequence`. Only learned position tables are split over `sequence` (their rows); checkpoints store
+length over `sequence`. Processes whose devices hold the same rows (a sequence axis spanning hosts) form one
+data group and load the same rows (`data_group`). Only learned position tables are split over `sequence` (their rows); checkpoints store
 unsharded arrays, so they do not depend on it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import flax.linen as nn
@@ -82,21 +84,58 @@ def make_mesh(cfg: ParallelConfig, devices: Sequence[jax.Device] | None = None) 
                 axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def check_rows_per_process(mesh: Mesh) -> None:
-    """Each process feeds its own rows (jaxctx.data splits documents by process), so no batch row may live on
-    devices of two processes: a ConfigError when the sequence (x tensor) axes span processes."""
-    if jax.process_count() == 1:
-        return
-    devices = np.asarray(mesh.devices)  # [data, fsdp, sequence, tensor]
-    rows = devices.reshape(mesh.shape["data"] * mesh.shape["fsdp"], -1)
-    for group in rows:
-        owners = {d.process_index for d in group}
-        if len(owners) > 1:
-            raise ConfigError(f"parallel.sequence={mesh.shape[SEQUENCE_AXIS]} x parallel.tensor="
-                              f"{mesh.shape['tensor']} spans processes {sorted(owners)}: a sequence split over "
-                              f"hosts is not supported yet (each process feeds its own rows); keep "
-                              f"parallel.sequence x parallel.tensor <= the {jax.local_device_count()} devices "
-                              f"of one process")
+@dataclass(frozen=True)
+class DataGroup:
+    """The share of each global batch one process loads.
+
+    Processes whose devices hold the same batch rows form one data group and must load the same rows (each
+    device then takes its sequence (x tensor) part of them). `index` in [0, count) numbers the groups by their
+    first row; a group loads `batch_size / count` rows, which land on its rows of the global batch in order.
+    With rows that never span processes the groups are the processes themselves.
+    """
+
+    index: int
+    count: int
+
+
+def data_group(mesh: Mesh, process_index: int | None = None) -> DataGroup:
+    """This process's data group on `mesh` (`process_index` defaults to `jax.process_index()`).
+
+    A ConfigError names the layouts that cannot be fed: two processes that share some batch rows but not all
+    (a sequence (x tensor) group straddling the boundary between the devices of two processes, e.g. 2 processes
+    of 3 devices with parallel.sequence=2), data groups holding unequal numbers of rows, and a process with no
+    device in the mesh.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    return data_group_of_devices(np.asarray(mesh.devices), process_index)
+
+
+def data_group_of_devices(devices: np.ndarray, process_index: int) -> DataGroup:
+    """`data_group` for a [data, fsdp, sequence, tensor] array of devices (anything with `.process_index`)."""
+    blocks = devices.reshape(devices.shape[0] * devices.shape[1], -1)  # [row blocks, sequence x tensor]
+    held: dict[int, set[int]] = {}  # process -> the row blocks its devices hold
+    for block, block_devices in enumerate(blocks):
+        for device in block_devices:
+            held.setdefault(int(device.process_index), set()).add(block)
+    if process_index not in held:
+        raise ConfigError(f"process {process_index} has no device in the mesh, so it would feed no batch rows; "
+                          f"build the mesh over devices of every process")
+    groups: list[frozenset[int]] = sorted({frozenset(b) for b in held.values()}, key=min)
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            if a & b:
+                sharing = sorted(p for p, rows in held.items() if rows in (a, b))
+                raise ConfigError(
+                    f"processes {sharing} share some batch rows but not all (row blocks {sorted(a)} and "
+                    f"{sorted(b)} of {len(blocks)}): each parallel.sequence x parallel.tensor = "
+                    f"{blocks.shape[1]} device group must lie within one process or span whole processes; "
+                    f"make it divide, or be a multiple of, the devices per process")
+    sizes = {len(g) for g in groups}
+    if len(sizes) > 1:
+        raise ConfigError(f"the processes' data groups hold unequal numbers of row blocks "
+                          f"({[sorted(g) for g in groups]}), so the batch cannot be split evenly among them; "
+                          f"give every process the same number of devices")
+    return DataGroup(index=groups.index(frozenset(held[process_index])), count=len(groups))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,10 +1,12 @@
 """Assembling the global batch from each process's local batch (multi-host training).
 
-Every process builds only its rows (`DataIterator`, `[B_local, T]` numpy arrays); the training step wants one
-`jax.Array` of shape `[B, T]` sharded over the mesh. `jax.make_array_from_process_local_data` does exactly that:
-process p's rows become global rows [p*B_local, (p+1)*B_local), provided the batch sharding splits the batch
-axis over processes in process order (the usual `NamedSharding(mesh, P(("data", "fsdp"), None))` on a mesh
-built by `jax.make_mesh` does). On one process it is a plain (sharded) device_put.
+Every process builds only its data group's rows (`DataIterator`, `[B_local, T]` numpy arrays, B_local = B /
+groups); the training step wants one `jax.Array` of shape `[B, T]` sharded over the mesh.
+`jax.make_array_from_process_local_data` does exactly that: the local rows fill, in order, the global rows this
+process's devices hold, and along the length the process's devices take their own slices of the full rows (the
+local batch has the global length T). Usually every process is its own group; when a sequence axis spans
+processes, the processes of one group (jaxctx.parallel.data_group) pass identical rows. On one process it is a
+plain (sharded) device_put.
 """
 
 from __future__ import annotations
@@ -14,17 +16,20 @@ from typing import Any, Mapping
 import numpy as np
 
 
-def make_global_batch(local_batch: Mapping[str, np.ndarray], sharding: Any) -> dict[str, Any]:
-    """{name: [B_local, ...] numpy} -> {name: [B_local * process_count, ...] jax.Array} placed by `sharding`.
+def make_global_batch(local_batch: Mapping[str, np.ndarray], sharding: Any, *,
+                      groups: int | None = None) -> dict[str, Any]:
+    """{name: [B_local, ...] numpy} -> {name: [B_local * groups, ...] jax.Array} placed by `sharding`.
 
     `sharding` is one `jax.sharding.Sharding` for every array (batch axis first) or a mapping name -> Sharding.
-    Every process must call this with the same keys and shapes, once per step.
+    `groups` is the number of data groups (default: one per process). Every process must call this with the same
+    keys and shapes, once per step.
     """
     import jax
 
+    groups = jax.process_count() if groups is None else groups
     out = {}
     for name, local in local_batch.items():
         sh = sharding[name] if isinstance(sharding, Mapping) else sharding
-        global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])  # [B, T]
+        global_shape = (local.shape[0] * groups, *local.shape[1:])  # [B, T]
         out[name] = jax.make_array_from_process_local_data(sh, local, global_shape)
     return out

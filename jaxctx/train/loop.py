@@ -24,7 +24,7 @@ from jaxctx import config as config_lib
 from jaxctx.checkpoint import (Checkpointer, check_params_match, checkpoint_dir, load_params, params_metadata,
                                quarantine)
 from jaxctx.errors import WriteError
-from jaxctx.parallel import check_rows_per_process, make_mesh
+from jaxctx.parallel import data_group, make_mesh
 from jaxctx.platform import check_platform
 from jaxctx.train import workdir as workdir_lib
 from jaxctx.train.runner import make_runner
@@ -85,8 +85,6 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
     `train.init_from`) runs before the first file is written, so a failed start leaves the workdir as it was.
     `devices` restricts the mesh to a subset of the devices (default: all devices of all processes).
     """
-    from jaxctx.data import build_iterator
-
     process_index, process_count = _process_info()
     is_main = process_index == 0
     metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
@@ -99,16 +97,17 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
     # Data first: tokenization may fork worker processes, which must happen before JAX starts its backend threads.
     import datasets
     datasets.disable_progress_bars()  # one summary line below instead of a bar per preparation stage
-    train_data = build_iterator(cfg, "train", process_index=process_index, process_count=process_count)
-    val_data = None
-    if cfg.data.validation_fraction > 0:
-        val_data = build_iterator(cfg, "validation", process_index=process_index, process_count=process_count)
+    train_data, val_data = _data(cfg, process_index, process_count)
+    check_platform(cfg)
+    mesh = make_mesh(cfg.parallel, devices)
+    group = data_group(mesh)
+    if (group.index, group.count) != (process_index, process_count):
+        # A sequence axis spans processes: the processes holding the same rows must load the same rows, so the
+        # data is built again per data group (tokenized in-process now that the backend runs; see sources.py).
+        train_data, val_data = _data(cfg, group.index, group.count)
     stats = train_data.stats()
     _log(f"data: {stats['source']}, {stats['documents']} documents, {stats['corpus_tokens']} tokens "
          f"({stats['tokenizer']} tokenizer), {stats['rows_per_epoch']} rows of {cfg.data.seq_len} per epoch")
-    check_platform(cfg)
-    mesh = make_mesh(cfg.parallel, devices)
-    check_rows_per_process(mesh)
     runner = make_runner(cfg, mesh)
     state, start, unrestorable = _initial_state(cfg, runner, ckpt_dir, train_data)
 
@@ -181,6 +180,16 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
     if is_main:
         print(f"workdir: {os.path.abspath(workdir)}")
     return status
+
+
+def _data(cfg, index: int, count: int):
+    """(train, validation or None) iterators for data group `index` of `count` (usually the process's own)."""
+    from jaxctx.data import build_iterator
+
+    train = build_iterator(cfg, "train", process_index=index, process_count=count)
+    val = build_iterator(cfg, "validation", process_index=index, process_count=count) \
+        if cfg.data.validation_fraction > 0 else None
+    return train, val
 
 
 def _initial_state(cfg, runner, ckpt_dir: str, train_data):

@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxctx import models
 from jaxctx.config import Config, ConfigError
-from jaxctx.parallel import MESH_AXES, batch_sharding, data_parallel_size
+from jaxctx.parallel import MESH_AXES, batch_sharding, data_group, data_parallel_size
 from jaxctx.train.optimizer import build_optimizer, learning_rate_schedule
 from jaxctx.train.state import abstract_state, create_state
 from jaxctx.train.step import (TrainState, make_eval_step, make_pmap_train_step, make_train_step)
@@ -44,6 +44,7 @@ class JitRunner:
         self.schedule = learning_rate_schedule(cfg.train)
         self.batch_sharding = batch_sharding(mesh)
         self.data_parallel = data_parallel_size(mesh)
+        self.data_group = data_group(mesh)  # the rows this process feeds (refuses layouts that cannot be fed)
         self._abstract, self.state_shardings = abstract_state(self.model, self.optimizer, cfg.data.seq_len, mesh)
         step = make_train_step(self.model, self.optimizer, self.schedule, cfg.train.grad_accum)
         self._step = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
@@ -80,7 +81,7 @@ class JitRunner:
     # -- steps ------------------------------------------------------------------------------------------
     def put_batch(self, local_batch: dict):
         from jaxctx.data import make_global_batch
-        return make_global_batch(local_batch, self.batch_sharding)
+        return make_global_batch(local_batch, self.batch_sharding, groups=self.data_group.count)
 
     def step(self, state, batch):
         with jax.set_mesh(self.mesh):
