@@ -12,7 +12,7 @@ import numpy as np
 from flax.core import meta
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxctx.parallel import LOGICAL_RULES
+from jaxctx.parallel import LOGICAL_RULES, sequence_size
 from jaxctx.train.step import TrainState
 
 
@@ -46,11 +46,17 @@ def tree_shardings(abstract_boxed, mesh: Mesh):
                         is_leaf=lambda x: isinstance(x, meta.Partitioned))
 
 
-def make_init_fn(model, optimizer, seq_len: int):
-    """rng -> boxed TrainState (params and optimizer state still carry their logical axis names)."""
+def make_init_fn(model, optimizer, seq_len: int, sequence: int = 1):
+    """rng -> boxed TrainState (params and optimizer state still carry their logical axis names).
+
+    The params do not depend on the length, so a short dummy batch initialises them: about 8 tokens, a multiple
+    of 2 x `sequence` (the zigzag layout's chunks; seq_len is one too) when init runs with a sequence axis.
+    """
+    unit = 2 * sequence if sequence > 1 else 1
+    length = min(seq_len, unit * -(-8 // unit))
 
     def init(rng):
-        params = model.init(rng, jnp.zeros((1, min(seq_len, 8)), jnp.int32))["params"]
+        params = model.init(rng, jnp.zeros((1, length), jnp.int32))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
     return init
@@ -58,7 +64,7 @@ def make_init_fn(model, optimizer, seq_len: int):
 
 def abstract_state(model, optimizer, seq_len: int, mesh: Mesh):
     """(abstract unboxed state with shardings attached, the state's shardings tree) without allocating."""
-    boxed = jax.eval_shape(make_init_fn(model, optimizer, seq_len), jax.random.PRNGKey(0))
+    boxed = jax.eval_shape(make_init_fn(model, optimizer, seq_len, sequence_size(mesh)), jax.random.PRNGKey(0))
     shardings = tree_shardings(boxed, mesh)
     unboxed = meta.unbox(boxed)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings)
@@ -68,6 +74,6 @@ def abstract_state(model, optimizer, seq_len: int, mesh: Mesh):
 def create_state(model, optimizer, seq_len: int, mesh: Mesh, seed: int):
     """A freshly initialised, sharded TrainState and its shardings."""
     _, shardings = abstract_state(model, optimizer, seq_len, mesh)
-    init = make_init_fn(model, optimizer, seq_len)
+    init = make_init_fn(model, optimizer, seq_len, sequence_size(mesh))
     state = jax.jit(lambda rng: meta.unbox(init(rng)), out_shardings=shardings)(jax.random.PRNGKey(seed))
     return state, shardings

@@ -1,7 +1,8 @@
-"""Two JAX processes on one machine (jax.distributed over localhost, gloo collectives) train like one process.
+"""Several JAX processes on one machine (jax.distributed over localhost, gloo collectives) train like one process.
 
-Each process reads only its share of the documents, so the single-process reference feeds the same global
-batches: process 0's rows then process 1's, built by the same pipeline with process_index 0 and 1.
+Each data group (usually one process; the processes sharing rows when a sequence axis spans processes) reads
+only its share of the documents, so the single-process reference feeds the same global batches: group 0's rows
+then group 1's, built by the same pipeline with process_index 0 and 1.
 """
 
 import json
@@ -12,6 +13,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from jaxctx import config as config_lib
 from jaxctx.data import pipeline
@@ -26,6 +28,27 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+def _launch(workdir, processes: int, devices_per_process: int, overrides) -> list[tuple[int, str, str]]:
+    """Run train.py as `processes` jax.distributed processes of `devices_per_process` fake CPU devices each;
+    [(exit code, stdout, stderr)] per process."""
+    port = _free_port()
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+               PYTHONUNBUFFERED="1")
+    procs = []
+    for i in range(processes):
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, "--workdir", str(workdir)]
+        for o in (*overrides, f"parallel.coordinator_address=localhost:{port}",
+                  f"parallel.num_processes={processes}", f"parallel.process_id={i}"):
+            cmd += ["--set", o]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return [(p.returncode, *out) for p, out in ((p, p.communicate(timeout=300)) for p in procs)]
+
+
+def _metrics(workdir, key):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line)[key] for line in f]
 
 
 class _BothShards:
@@ -45,49 +68,72 @@ class _BothShards:
         return self.shards[0].get_state()
 
 
-def _losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
+def _assert_same_steps(multi, single, steps):
+    """The multi-process run logged the same steps as the single-process one, with loss and grad_norm within
+    1e-5."""
+    assert _metrics(multi, "step") == _metrics(single, "step") == list(range(1, steps + 1))
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose(_metrics(multi, key), _metrics(single, key), rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+def _assert_ok(results):
+    for code, _, err in results:
+        assert code == 0, err
 
 
 def test_two_processes_match_one(tmp_path, monkeypatch):
-    port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
-    procs = []
-    for i in range(2):
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, "--workdir", str(tmp_path / "multi")]
-        for o in (*ARGS, f"parallel.coordinator_address=localhost:{port}", "parallel.num_processes=2",
-                  f"parallel.process_id={i}"):
-            cmd += ["--set", o]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err
+    results = _launch(tmp_path / "multi", 2, 1, ARGS)
+    _assert_ok(results)
     # Logs and metrics come from process 0 only.
-    assert "workdir:" in outputs[0][0] and "workdir:" not in outputs[1][0]
+    assert "workdir:" in results[0][1] and "workdir:" not in results[1][1]
     assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["3", "6"]
 
     monkeypatch.setattr(pipeline, "build_iterator", _BothShards)
     assert run(config_lib.load(TINY, list(ARGS)), str(tmp_path / "single"), devices=jax.devices()[:2]) == 0
-    np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"), rtol=1e-5, atol=1e-5)
+    _assert_same_steps(tmp_path / "multi", tmp_path / "single", 6)
 
 
-def test_a_sequence_axis_across_processes_is_refused_before_writing(tmp_path):
-    """Each process feeds its own rows, so a sequence split over two hosts cannot be fed yet: both processes say
+CP_ARGS = ("train.steps=4", "train.log_every=1", "train.checkpoint_every=2", "data.validation_fraction=0")
+
+
+@pytest.mark.slow
+def test_a_sequence_axis_over_two_processes_trains_and_resumes_like_one(tmp_path):
+    """parallel.sequence=8 over 2 processes x 4 devices: both processes are one data group and load the same
+    rows (the whole batch), each device takes its length shards. Steps 1-2, a stop, then steps 3-4 resumed from
+    the checkpoint equal 4 uninterrupted steps of one 8-device process."""
+    args = (*CP_ARGS, "parallel.sequence=8")
+    _assert_ok(_launch(tmp_path / "multi", 2, 4, (*args, "train.stop_after=2")))
+    assert _metrics(tmp_path / "multi", "step") == [1, 2]
+    results = _launch(tmp_path / "multi", 2, 4, args)
+    _assert_ok(results)
+    assert "resumed from" in results[0][2] and "at step 2" in results[0][2]
+
+    assert run(config_lib.load(TINY, list(args)), str(tmp_path / "single")) == 0
+    _assert_same_steps(tmp_path / "multi", tmp_path / "single", 4)
+
+
+@pytest.mark.slow
+def test_sequence_groups_spanning_processes_load_their_group_rows(tmp_path, monkeypatch):
+    """data=2 x sequence=4 over 4 processes x 2 devices: processes {0, 1} hold batch rows 0-3 and {2, 3} rows
+    4-7, so each pair is one data group loading the group's share of the documents. Equals one 8-device process
+    fed group 0's rows then group 1's."""
+    args = (*CP_ARGS[1:], "train.steps=3", "parallel.data=2", "parallel.sequence=4")
+    _assert_ok(_launch(tmp_path / "multi", 4, 2, args))
+
+    monkeypatch.setattr(pipeline, "build_iterator", _BothShards)
+    assert run(config_lib.load(TINY, list(args)), str(tmp_path / "single")) == 0
+    _assert_same_steps(tmp_path / "multi", tmp_path / "single", 3)
+
+
+def test_rows_shared_in_part_by_two_processes_are_refused_before_writing(tmp_path):
+    """2 processes x 3 devices with parallel.sequence=2: the middle sequence pair has a device of each process,
+    so process 0 holds row blocks 0-1 and process 1 blocks 1-2, which no data split can feed. Both processes say
     so in one line naming the keys (exit 2), and nothing is written."""
-    port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
-    procs = []
-    for i in range(2):
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, "--workdir", str(tmp_path / "run")]
-        for o in (*ARGS, "parallel.sequence=2", f"parallel.coordinator_address=localhost:{port}",
-                  "parallel.num_processes=2", f"parallel.process_id={i}"):
-            cmd += ["--set", o]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 2, err
+    results = _launch(tmp_path / "run", 2, 3, (*ARGS, "parallel.sequence=2"))
+    for code, _, err in results:
+        assert code == 2, err
         assert "Traceback" not in err
         [line] = [x for x in err.splitlines() if x.startswith("train.py: error: ")]
-        assert "parallel.sequence=2" in line and "spans processes [0, 1]" in line, line
+        assert "processes [0, 1] share some batch rows but not all" in line, line
+        assert "parallel.sequence x parallel.tensor = 2" in line, line
     assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")
