@@ -9,8 +9,8 @@ The mesh has four axes, sized by `parallel.*` in the config:
 Models name the axes of every parameter and activation logically ("embed", "heads", "activation_batch", ...);
 `LOGICAL_RULES` maps those names to mesh axes. A batch's rows are split over (data, fsdp) together and its
 length over `sequence`. Processes whose devices hold the same rows (a sequence axis spanning hosts) form one
-data group and load the same rows (`data_group`). Only learned position tables are split over `sequence` (their rows); checkpoints store
-unsharded arrays, so they do not depend on it.
+data group and load the same rows (`data_group`). Only learned position tables are split over `sequence` (their
+rows); checkpoints store unsharded arrays, so they do not depend on it.
 """
 
 from __future__ import annotations

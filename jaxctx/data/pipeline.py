@@ -253,8 +253,8 @@ class DataIterator:
                 warnings.warn(f"the saved data iterator state has {key}={state.get(key)!r}, this pipeline "
                               f"{key}={mine[key]!r}; continuing at the saved position", stacklevel=2)
         if state.get("process_count") != self.process_count:
-            warnings.warn(f"resuming a data pipeline saved with {state.get('process_count')} processes on "
-                          f"{self.process_count}: documents are re-sharded, so the order differs from an "
+            warnings.warn(f"resuming a data pipeline saved with {state.get('process_count')} processes (data "
+                          f"groups) on {self.process_count}: documents are re-sharded, so the order differs from an "
                           f"uninterrupted run (still disjoint across processes)", stacklevel=2)
         self._seek(int(state["rows"]), batches=int(state["batches"]))
 
@@ -307,8 +307,10 @@ def build_iterator(cfg, split: str = "train", *, process_index: int | None = Non
     """The packed-batch iterator for this process (a resolved `jaxctx.config.Config`).
 
     process_index/process_count default to `jax.process_index()` / `jax.process_count()`; tests pass them to
-    simulate hosts. `state` (from `get_state`) restores the position. Raises the errors of jaxctx.data.errors
-    (all ValueError or FileNotFoundError) for bad data, settings or a vocabulary larger than `model.vocab_size`.
+    simulate hosts, and the training loop passes the data group's index and count when processes share rows
+    (jaxctx.parallel.data_group). `state` (from `get_state`) restores the position. Raises the errors of
+    jaxctx.data.errors (all ValueError or FileNotFoundError) for bad data, settings or a vocabulary larger than
+    `model.vocab_size`.
     """
     if process_index is None or process_count is None:
         import jax
