@@ -134,7 +134,7 @@ def data_group_of_devices(devices: np.ndarray, process_index: int) -> DataGroup:
     if len(sizes) > 1:
         raise ConfigError(f"the processes' data groups hold unequal numbers of row blocks "
                           f"({[sorted(g) for g in groups]}), so the batch cannot be split evenly among them; "
-                          f"give every process the same number of devices")
+                          f"give every process the same number of devices, in the default device order")
     return DataGroup(index=groups.index(frozenset(held[process_index])), count=len(groups))
 
 
