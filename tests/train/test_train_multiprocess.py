@@ -52,7 +52,7 @@ def _metrics(workdir, key):
 
 
 class _BothShards:
-    """Iterator over the concatenation of the two processes' batches (the global batch of a 2-process job)."""
+    """Iterator over the concatenation of two data groups' batches (the global batch of a job with two groups)."""
 
     def __init__(self, cfg, split, **_):
         self.shards = [pipeline.DataIterator(cfg, split, process_index=i, process_count=2) for i in range(2)]
