@@ -146,6 +146,10 @@ class ModelConfig:
             rate = getattr(self, name)
             if not 0.0 <= rate < 1.0:
                 raise ConfigError(f"model.{name}={rate} must be in [0, 1) (a probability of zeroing; 0 = off)")
+        if self.attention_dropout and self.attention in ("cudnn", "pallas_gpu", "splash"):
+            raise ConfigError(f"model.attention={self.attention} cannot apply model.attention_dropout="
+                              f"{self.attention_dropout} (no dropout mask in that kernel); use model.attention=auto "
+                              f"or blockwise")
         if self.family == "llama" and self.dropout:
             raise ConfigError(f"model.dropout={self.dropout} applies to gpt2 and bert (HF LLaMA has no hidden "
                               f"dropout); use model.attention_dropout for llama")
