@@ -191,18 +191,21 @@ def _slice(x, start, size, axis=1):
     return None if x is None else lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
-def _dropped(x, dropout, q_pos, k_pos):
-    """x [B, Hkv, G, bq, bk] times the block's dropout factor Z = keep / (1 - rate) (x itself when dropout is None).
+def _dropout_factor(dropout, q_pos, k_pos, b, hkv, g):
+    """The block's dropout factor Z = keep / (1 - rate), f32 [B, Hkv, G, bq, bk], or None without dropout.
 
     The keep bits come from the key and the block's global positions q_pos [P, bq], k_pos [P, bk]
     (`jaxctx.ops.dropout`), so forward, backward, every ring step and the reference draw the same mask.
     """
     if dropout is None:
-        return x
+        return None
     words, rate = dropout
-    b, hkv, g = x.shape[:3]
     keep = attention_keep_block(words, rate, q_pos, k_pos, b, hkv, g)
-    return jnp.where(keep, x * (1.0 / (1.0 - rate)), 0.0)
+    return jnp.where(keep, jnp.float32(1.0 / (1.0 - rate)), jnp.float32(0.0))
+
+
+def _times(x, factor):
+    return x if factor is None else x * factor
 
 
 def _visible_range(ranges, idx, n_other, *, over_keys: bool):
@@ -257,7 +260,7 @@ def chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, bq: int,
             p = jnp.exp(s - m_safe[..., None])
             correction = jnp.exp(m - m_safe)
             l = l * correction + jnp.sum(p, axis=-1)  # the softmax normaliser counts dropped entries too
-            p = _dropped(p, dropout, _slice(q_pos, i * bq, bq), _slice(k_pos, j * bk, bk))
+            p = _times(p, _dropout_factor(dropout, _slice(q_pos, i * bq, bq), _slice(k_pos, j * bk, bk), b, hkv, g))
             pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
             acc = acc * correction[..., None] + pv
             return m_new, l, acc
@@ -369,12 +372,10 @@ def chunk_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, delta, d_out, *, ca
             p = jnp.exp(s - lse_blk[..., None])  # exact softmax probabilities of this block
             # With dropout O = (P * Z) V, Z = keep / (1 - rate): dV = (P * Z)^T dO and dP = Z * (dO V^T); the
             # softmax term rowsum(P * dP) is still rowsum(dO * O) = delta.
-            qp_blk = _slice(q_pos, i * bq, bq)
-            p_drop = _dropped(p, dropout, qp_blk, kp)
-            dv_acc = dv_acc + jnp.einsum("bhgqk,bqhgd->bhkd", p_drop.astype(do_blk.dtype), do_blk,
+            z = _dropout_factor(dropout, _slice(q_pos, i * bq, bq), kp, b, hkv, g)  # regenerated, never stored
+            dv_acc = dv_acc + jnp.einsum("bhgqk,bqhgd->bhkd", _times(p, z).astype(do_blk.dtype), do_blk,
                                          preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bqhgd,bkhd->bhgqk", do_blk, v_blk, preferred_element_type=jnp.float32)
-            dp = _dropped(dp, dropout, qp_blk, kp)
+            dp = _times(jnp.einsum("bqhgd,bkhd->bhgqk", do_blk, v_blk, preferred_element_type=jnp.float32), z)
             ds = p * (dp - delta_blk[..., None])  # [B, Hkv, G, bq, bk]
             ds_in = ds.astype(q.dtype)
             dq_blk = jnp.einsum("bhgqk,bkhd->bqhgd", ds_in, k_blk, preferred_element_type=jnp.float32) * scale

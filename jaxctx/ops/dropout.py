@@ -20,6 +20,8 @@ elements as an unpermuted one.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -93,13 +95,36 @@ def hidden_dropout(x: jax.Array, key, rate: float, positions: jax.Array | None =
     """Inverted dropout of x [B, T, F]: zero each element with probability `rate`, scale the rest by 1/(1-rate).
 
     positions: the natural-order token index of each of x's T rows ([T]; None = 0..T-1), so a permuted
-    (context-parallel) x drops the same elements as the unpermuted one. rate 0 returns x unchanged.
+    (context-parallel) x drops the same elements as the unpermuted one. rate 0 returns x unchanged. The backward
+    regenerates the mask from the key instead of keeping a [B, T, F] mask alive between the passes.
     """
     if rate == 0.0:
         return x
-    b, t, f = x.shape
-    pos = lax.iota(jnp.int32, t) if positions is None else jnp.asarray(positions, jnp.int32)
-    bits = counter_bits(key_words(key), lax.iota(jnp.int32, b)[:, None, None], pos[None, :, None],
+    pos = lax.iota(jnp.int32, x.shape[1]) if positions is None else jnp.asarray(positions, jnp.int32)
+    return _hidden_dropout(x, key_words(key), pos, rate)
+
+
+def _hidden_scale(shape, words, pos, rate: float, dtype) -> jax.Array:
+    """keep / (1 - rate) for x of `shape` [B, T, F], in x's dtype."""
+    b, _, f = shape
+    bits = counter_bits(words, lax.iota(jnp.int32, b)[:, None, None], pos[None, :, None],
                         lax.iota(jnp.int32, f)[None, None, :])  # [B, T, F]
-    keep = bits >= keep_threshold(rate)
-    return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
+    return jnp.where(bits >= keep_threshold(rate), jnp.asarray(1.0 / (1.0 - rate), dtype), jnp.zeros((), dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _hidden_dropout(x, words, pos, rate):
+    return x * _hidden_scale(x.shape, words, pos, rate, x.dtype)
+
+
+def _hidden_dropout_fwd(x, words, pos, rate):
+    # Saves only the key, positions and x's shape (a zero-size stand-in): nothing [B, T, F].
+    return _hidden_dropout(x, words, pos, rate), (words, pos, jnp.zeros((0,) + x.shape, x.dtype))
+
+
+def _hidden_dropout_bwd(rate, residuals, d_y):
+    words, pos, like = residuals
+    return d_y * _hidden_scale(like.shape[1:], words, pos, rate, like.dtype), None, None
+
+
+_hidden_dropout.defvjp(_hidden_dropout_fwd, _hidden_dropout_bwd)
