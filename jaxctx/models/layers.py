@@ -437,16 +437,15 @@ def run_layers(layers: nn.Module | list[nn.Module], x: jax.Array, segment_ids, r
         x, kv = layers(x, segment_ids, rope, cache)
         return x if cache is None else (x, kv)
     params = layers.variables["params"]  # stacked [L, ...] (the nn.scan module's own, traced for grads)
-    # Dropout: one key per layer, passed to each detached layer as its "dropout" rng (zeros = unused when off).
+    # Dropout: one key per layer, scanned with its params and passed to the detached layer as its "dropout" rng.
     drop = (cfg.dropout > 0.0 or cfg.attention_dropout > 0.0) and layers.has_rng("dropout")
-    keys = jax.random.split(layers.make_rng("dropout"), cfg.num_layers) if drop else jnp.zeros((cfg.num_layers, 2),
-                                                                                                 jnp.uint32)
-    groups = jax.tree.map(lambda p: p.reshape(cfg.num_layers // group, group, *p.shape[1:]), (params, keys))
+    stacked = (params, jax.random.split(layers.make_rng("dropout"), cfg.num_layers)) if drop else (params, None)
+    groups = jax.tree.map(lambda p: p.reshape(cfg.num_layers // group, group, *p.shape[1:]), stacked)
     block = block_cls(cfg, parent=None)  # detached: applied as a pure function of one layer's params
 
     def one_layer(x, layer):
         layer_params, key = layer
-        rngs = {"dropout": key} if drop else None
+        rngs = None if key is None else {"dropout": key}
         return block.apply({"params": layer_params}, x, segment_ids, rope, None, rngs=rngs)[0], None
 
     layer_fn = jax.checkpoint(one_layer, policy=remat_policy(cfg.remat_policy), prevent_cse=False)

@@ -260,7 +260,8 @@ def chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, bq: int,
             p = jnp.exp(s - m_safe[..., None])
             correction = jnp.exp(m - m_safe)
             l = l * correction + jnp.sum(p, axis=-1)  # the softmax normaliser counts dropped entries too
-            p = _times(p, _dropout_factor(dropout, _slice(q_pos, i * bq, bq), _slice(k_pos, j * bk, bk), b, hkv, g))
+            if dropout is not None:
+                p = p * _dropout_factor(dropout, _slice(q_pos, i * bq, bq), _slice(k_pos, j * bk, bk), b, hkv, g)
             pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
             acc = acc * correction[..., None] + pv
             return m_new, l, acc
@@ -372,7 +373,7 @@ def chunk_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, delta, d_out, *, ca
             p = jnp.exp(s - lse_blk[..., None])  # exact softmax probabilities of this block
             # With dropout O = (P * Z) V, Z = keep / (1 - rate): dV = (P * Z)^T dO and dP = Z * (dO V^T); the
             # softmax term rowsum(P * dP) is still rowsum(dO * O) = delta.
-            z = _dropout_factor(dropout, _slice(q_pos, i * bq, bq), kp, b, hkv, g)  # regenerated, never stored
+            z = None if dropout is None else _dropout_factor(dropout, _slice(q_pos, i * bq, bq), kp, b, hkv, g)
             dv_acc = dv_acc + jnp.einsum("bhgqk,bqhgd->bhkd", _times(p, z).astype(do_blk.dtype), do_blk,
                                          preferred_element_type=jnp.float32)
             dp = _times(jnp.einsum("bqhgd,bkhd->bhgqk", do_blk, v_blk, preferred_element_type=jnp.float32), z)
