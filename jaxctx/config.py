@@ -79,6 +79,8 @@ class ModelConfig:
     remat_group_size: int = 0  # >1: also remat groups of this many layers (only group inputs saved); 0/1 = off
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators); params are always float32
     pad_token_id: int = 0  # BERT/HF metadata; never changes the maths (padding is a segment id)
+    dropout: float = 0.0  # embeddings + residual branches, train step only (HF hidden_dropout_prob / resid_pdrop)
+    attention_dropout: float = 0.0  # attention probabilities, train step only (HF attention_probs_dropout_prob)
 
     # --- derived values (the only place the family rules live) ---
     @property
@@ -140,6 +142,17 @@ class ModelConfig:
             if not self.scan_layers or self.remat_policy == "none":
                 raise ConfigError("model.remat_group_size needs model.scan_layers=true and a model.remat_policy "
                                   "other than none (it nests a second level of remat around groups of layers)")
+        for name in ("dropout", "attention_dropout"):
+            rate = getattr(self, name)
+            if not 0.0 <= rate < 1.0:
+                raise ConfigError(f"model.{name}={rate} must be in [0, 1) (a probability of zeroing; 0 = off)")
+        if self.attention_dropout and self.attention in ("cudnn", "pallas_gpu", "splash"):
+            raise ConfigError(f"model.attention={self.attention} cannot apply model.attention_dropout="
+                              f"{self.attention_dropout} (no dropout mask in that kernel); use model.attention=auto "
+                              f"or blockwise")
+        if self.family == "llama" and self.dropout:
+            raise ConfigError(f"model.dropout={self.dropout} applies to gpt2 and bert (HF LLaMA has no hidden "
+                              f"dropout); use model.attention_dropout for llama")
         for name in ("mlp_chunk", "loss_chunk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 0 (0 turns chunking off)")

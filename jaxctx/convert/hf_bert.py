@@ -55,7 +55,8 @@ def config_from_hf(hf: dict, where: str) -> dict:
         d_ff=c.require("intermediate_size"), vocab_size=c.require("vocab_size"),
         max_positions=c.require("max_position_embeddings"), type_vocab_size=c.require("type_vocab_size"),
         norm_eps=float(c.get("layer_norm_eps", 1e-12)), initializer_range=float(c.get("initializer_range", 0.02)),
-        pad_token_id=int(c.get("pad_token_id", 0)))
+        pad_token_id=int(c.get("pad_token_id", 0)), dropout=c.rate("hidden_dropout_prob", 0.1),
+        attention_dropout=c.rate("attention_probs_dropout_prob", 0.1))  # HF BertConfig defaults
     if d % heads:
         c.unsupported(f"hidden_size={d} is not divisible by num_attention_heads={heads}")
     c.expect("hidden_act", ("gelu", "gelu_python"), "gelu")  # exact (erf) GELU
@@ -76,6 +77,7 @@ def config_to_hf(m: ModelConfig) -> dict:
         "max_position_embeddings": m.positions, "type_vocab_size": m.type_vocab_size,
         "layer_norm_eps": m.eps, "initializer_range": m.initializer_range, "pad_token_id": m.pad_token_id,
         "position_embedding_type": "absolute", "tie_word_embeddings": True, "is_decoder": False,
+        "hidden_dropout_prob": m.dropout, "attention_probs_dropout_prob": m.attention_dropout,
     }
 
 

@@ -55,7 +55,9 @@ def config_from_hf(hf: dict, where: str) -> dict:
         vocab_size=c.require("vocab_size"), max_positions=c.require("n_positions"),
         d_ff=c.get("n_inner"), norm_eps=float(c.get("layer_norm_epsilon", 1e-5)),
         initializer_range=float(c.get("initializer_range", 0.02)),
-        tie_embeddings=bool(c.get("tie_word_embeddings", True)))
+        tie_embeddings=bool(c.get("tie_word_embeddings", True)),
+        # jaxctx has one rate for embeddings and residuals: resid_pdrop (HF GPT2Config defaults all three to 0.1)
+        dropout=c.rate("resid_pdrop", 0.1), attention_dropout=c.rate("attn_pdrop", 0.1))
     if d % heads:
         c.unsupported(f"n_embd={d} is not divisible by n_head={heads}")
     c.expect("activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")  # both are tanh GELU
@@ -74,6 +76,7 @@ def config_to_hf(m: ModelConfig) -> dict:
         "n_head": m.num_heads, "n_inner": m.d_ff, "activation_function": "gelu_new",
         "layer_norm_epsilon": m.eps, "initializer_range": m.initializer_range, "tie_word_embeddings": m.tied,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+        "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.attention_dropout,
     }
 
 

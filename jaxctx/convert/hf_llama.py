@@ -96,7 +96,8 @@ def config_from_hf(hf: dict, where: str) -> dict:
         head_dim=head_dim, d_ff=c.require("intermediate_size"), vocab_size=c.require("vocab_size"),
         max_positions=max_positions, norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=theta,
         rope_scaling=scaling, tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        initializer_range=float(c.get("initializer_range", 0.02)))
+        initializer_range=float(c.get("initializer_range", 0.02)),
+        attention_dropout=c.rate("attention_dropout", 0.0))  # LLaMA has no hidden dropout
     if isinstance(kv_heads, int) and kv_heads > 0 and heads % kv_heads:
         c.unsupported(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
     if head_dim is None and d % heads:
@@ -121,7 +122,7 @@ def config_to_hf(m: ModelConfig) -> dict:
         "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads, "num_key_value_heads": m.kv_heads,
         "head_dim": m.dim_per_head, "max_position_embeddings": m.positions, "rms_norm_eps": m.eps,
         "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": m.tied,
-        "initializer_range": m.initializer_range,
+        "initializer_range": m.initializer_range, "attention_dropout": m.attention_dropout,
         "rope_parameters": rope_parameters,  # transformers >= 5
         "rope_theta": m.rope_theta,  # transformers 4.x
         "rope_scaling": ({"rope_type": kind, **scaling} if kind != "default" else None),

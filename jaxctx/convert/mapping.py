@@ -86,6 +86,14 @@ class HFConfig:
         value = self.values.get(key)
         return default if value is None else value
 
+    def rate(self, key: str, default: float) -> float:
+        """A dropout probability in [0, 1) (default when absent): model.dropout / model.attention_dropout."""
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            self.problems.append(f"{key}={value!r} must be a dropout probability in [0, 1)")
+            return 0.0
+        return float(value)
+
     def expect(self, key: str, allowed: tuple, default=None) -> None:
         """A setting that changes the maths must have one of the values our model implements."""
         value = self.values.get(key, default)

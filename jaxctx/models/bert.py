@@ -3,8 +3,9 @@
 Embeddings: word + learned position + token type, then LayerNorm. Post-norm encoder layers:
 x = LN(x + attn(x)); x = LN(x + mlp(x)) with mlp = dense(F) + bias, GELU(erf), dense(D) + bias. MLM head: dense
 D x D + bias, GELU(erf), LayerNorm, then the decoder tied to the word embeddings plus an output bias [V]. No
-pooler, no dropout (training here is long-context pre-training where dropout is off). Attention is bidirectional;
-padding is its own segment id, so real tokens never see it.
+pooler. Attention is bidirectional; padding is its own segment id, so real tokens never see it.
+Dropout (cfg.dropout, cfg.attention_dropout; train step only) sits where HF's does: after the embedding
+LayerNorm, on the attention probabilities, on the attention and MLP outputs before their residual add.
 
 Param tree (f32; scan_layers=True stacks block params on a leading [L] axis under `layers/`; scan_layers=False has
 `layers_0/`, ... without it). D = d_model, H = heads, Dh = D/H, F = ff_dim (4D), V = vocab, P = max_positions,
@@ -30,8 +31,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxctx.config import ModelConfig
-from jaxctx.models.layers import (BTE, Attention, Embed, LayerNorm, Mlp, check_inputs, compute_dtype, constrain,
-                                  gelu_erf, layer_stack, lm_logits, lm_loss, make_param, normal, run_layers, zeros)
+from jaxctx.models.layers import (BTE, Attention, Embed, LayerNorm, Mlp, apply_dropout, check_inputs, compute_dtype,
+                                  constrain, gelu_erf, layer_stack, lm_logits, lm_loss, make_param, normal, run_layers,
+                                  zeros)
 
 
 class EncoderBlock(nn.Module):
@@ -50,8 +52,8 @@ class EncoderBlock(nn.Module):
         if cache is not None:
             raise ValueError("BERT is an encoder: it has no key/value cache (generation needs model.family "
                              "gpt2 or llama)")
-        x = self.attn_norm(x + self.attn(x, segment_ids, None))  # [B, T, D]
-        x = self.mlp_norm(x + self.mlp(x))
+        x = self.attn_norm(x + apply_dropout(self, self.attn(x, segment_ids, None), self.cfg.dropout))  # [B, T, D]
+        x = self.mlp_norm(x + apply_dropout(self, self.mlp(x), self.cfg.dropout))
         return constrain(x, BTE), None  # (scan carry, no per-layer output)
 
 
@@ -96,7 +98,7 @@ class BertMLM(nn.Module):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         x = self.token_embed(input_ids) + self.pos_embed(positions) + self.type_embed(token_type_ids)
-        x = constrain(self.embed_norm(x), BTE)  # [B, T, D]
+        x = apply_dropout(self, constrain(self.embed_norm(x), BTE), cfg.dropout)  # [B, T, D]
         return run_layers(self.layers, x, segment_ids, None, cfg=self.cfg, block_cls=EncoderBlock)
 
     def hidden(self, input_ids, segment_ids=None, positions=None, token_type_ids=None):

@@ -42,9 +42,9 @@ import math
 import flax.linen as nn
 
 from jaxctx.config import ModelConfig
-from jaxctx.models.layers import (BTE, Attention, Embed, Mlp, SwiGluMlp, check_inputs, constrain, gelu_tanh,
-                                  layer_stack, lm_logits, lm_loss, make_norm, make_param, normal, rope_tables,
-                                  run_layers)
+from jaxctx.models.layers import (BTE, Attention, Embed, Mlp, SwiGluMlp, apply_dropout, check_inputs, constrain,
+                                  gelu_tanh, layer_stack, lm_logits, lm_loss, make_norm, make_param, normal,
+                                  rope_tables, run_layers)
 
 
 class DecoderBlock(nn.Module):
@@ -68,8 +68,8 @@ class DecoderBlock(nn.Module):
             y = self.attn(self.attn_norm(x), segment_ids, rope)
         else:  # generation: the layer's new keys/values [B, T, Hkv, Dh] are the scan's per-layer output
             y, kv = self.attn(self.attn_norm(x), segment_ids, rope, cache)
-        x = x + y  # [B, T, D]
-        x = x + self.mlp(x, norm=self.mlp_norm.as_function())  # the norm runs per MLP chunk
+        x = x + apply_dropout(self, y, self.cfg.dropout)  # [B, T, D]; HF GPT-2 resid_dropout after c_proj
+        x = x + apply_dropout(self, self.mlp(x, norm=self.mlp_norm.as_function()), self.cfg.dropout)  # norm per chunk
         return constrain(x, BTE), kv
 
 
@@ -126,7 +126,7 @@ class CausalLM(nn.Module):
             x = x + self.pos_embed(positions)
         else:
             rope = rope_tables(positions, cfg)  # cos, sin [B, T, 1, Dh] f32 (scaling applied), shared by every layer
-        x = constrain(x, BTE)
+        x = apply_dropout(self, constrain(x, BTE), cfg.dropout)  # HF GPT-2 embd_pdrop (0 for llama: validated)
         if cache is None:
             return self.final_norm(run_layers(self.layers, x, segment_ids, rope, cfg=cfg, block_cls=DecoderBlock))
         x, kv = run_layers(self.layers, x, segment_ids, rope, cfg=cfg, block_cls=DecoderBlock, cache=cache)

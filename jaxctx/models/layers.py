@@ -6,6 +6,10 @@ Conventions (every module here):
   names are visible in one line and the HF converter can map names one to one.
 - Compute happens in `cfg.dtype` (params are cast where used); norms, RoPE angles, softmax and the loss in f32.
 - Main activations are constrained with logical names (`BTE`, `BTHK`, `BTF`), no-ops without a mesh.
+- Dropout (cfg.dropout on embeddings and residual branches, cfg.attention_dropout on attention probabilities, at
+  HF's placements) runs only when the caller passes `rngs={"dropout": key}` (the train step does, when a rate is
+  > 0); every other caller (eval, generation, plan) is deterministic without a flag. Masks are counter-based
+  (`jaxctx.ops.dropout`): a function of the key and natural token positions, so any mesh draws the same ones.
 - Context parallelism: under a mesh whose `sequence` axis has N > 1 devices, the model's inputs are in the
   zigzag layout of `jaxctx.ops.ring` (jaxctx.train.step permutes each batch once), attention is the ring kernel
   (which masks by original position), and chunked MLPs / losses chunk within each device's T/N tokens.
@@ -28,6 +32,7 @@ from jaxctx.models.rope import apply_rope, rope_cos_sin, rope_inv_freq, rope_tab
 from jaxctx.ops import attention
 from jaxctx.ops.buffers import zeros_like_in_loop
 from jaxctx.ops.decode import cached_attention
+from jaxctx.ops.dropout import hidden_dropout
 from jaxctx.ops.feedforward import (blockwise_feedforward, chunked_cross_entropy, project_logits,
                                     token_cross_entropy)
 from jaxctx.ops.norms import layer_norm, rms_norm
@@ -83,6 +88,26 @@ def per_sequence_shard(fn: Callable, n: int, *arrays: jax.Array):
     if isinstance(out, tuple):  # reductions (sums) are order-independent
         return out
     return out.reshape(n, b, t // n, *out.shape[2:]).swapaxes(0, 1).reshape(b, t, *out.shape[2:])
+
+
+def dropout_rng(module: nn.Module, rate: float) -> jax.Array | None:
+    """The module's next "dropout" key when dropout is active (rate > 0 and the caller gave a "dropout" rng)."""
+    if rate > 0.0 and module.has_rng("dropout"):
+        return module.make_rng("dropout")
+    return None
+
+
+def apply_dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
+    """Inverted dropout of activations x [B, T, D] (embeddings, residual branches); x itself when inactive.
+
+    Under context parallelism x is in the zigzag layout: the mask follows each token's natural index, so it is
+    the mask of the unsplit sequence."""
+    key = dropout_rng(module, rate)
+    if key is None:
+        return x
+    n = context_parallel_size()
+    positions = None if n == 1 else jnp.asarray(to_layout_index(x.shape[1], n), jnp.int32)  # [T]
+    return constrain(hidden_dropout(x, key, rate, positions), BTE)
 
 
 def make_param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], axes: tuple) -> jax.Array:
@@ -231,16 +256,19 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         n = context_parallel_size()
+        drop_key = None if cache is not None else dropout_rng(self, cfg.attention_dropout)
         if isinstance(cache, DecodeCache):  # queries read the cache and the new keys; the caller writes them
             out = cached_attention(q, cache.k, cache.v, k, v, cache.index, cache.slot_valid)  # [B, t, H, Dh]
         elif n > 1:  # tokens in zigzag layout, T split over the `sequence` axis; masks by original position
             positions = jnp.asarray(to_layout_index(q.shape[1], n), jnp.int32)  # [T]
             out = ring_attention_in_layout(q, k, v, positions, mesh=context_mesh(), axis=SEQUENCE_AXIS,
                                            causal=cfg.causal, segment_ids=segment_ids, strategy=cfg.context_parallel,
-                                           block_q=cfg.attention_block_q, block_k=cfg.attention_block_k)
+                                           block_q=cfg.attention_block_q, block_k=cfg.attention_block_k,
+                                           dropout_rate=cfg.attention_dropout, dropout_key=drop_key)
         else:
             out = attention(q, k, v, causal=cfg.causal, segment_ids=segment_ids, impl=cfg.attention,
-                            block_q=cfg.attention_block_q, block_k=cfg.attention_block_k)  # [B, T, H, Dh]
+                            block_q=cfg.attention_block_q, block_k=cfg.attention_block_k,
+                            dropout_rate=cfg.attention_dropout, dropout_key=drop_key)  # [B, T, H, Dh]
         out = constrain(out, BTHK)
         y = jnp.einsum("bthk,hkd->btd", out, self.o_kernel.astype(dtype))  # [B, T, D]
         if self.use_bias:
@@ -379,7 +407,8 @@ def layer_stack(block_cls: type[nn.Module], cfg: ModelConfig) -> nn.Module | lis
         # Under scan the loop already keeps XLA from CSE-ing the recomputation away, so prevent_cse can be off.
         cls = nn.remat(cls, policy=remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-        cls = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True},
+        # split_rngs dropout: each layer draws its own dropout keys.
+        cls = nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
         return cls(cfg)
@@ -408,11 +437,16 @@ def run_layers(layers: nn.Module | list[nn.Module], x: jax.Array, segment_ids, r
         x, kv = layers(x, segment_ids, rope, cache)
         return x if cache is None else (x, kv)
     params = layers.variables["params"]  # stacked [L, ...] (the nn.scan module's own, traced for grads)
-    groups = jax.tree.map(lambda p: p.reshape(cfg.num_layers // group, group, *p.shape[1:]), params)
+    # Dropout: one key per layer, scanned with its params and passed to the detached layer as its "dropout" rng.
+    drop = (cfg.dropout > 0.0 or cfg.attention_dropout > 0.0) and layers.has_rng("dropout")
+    stacked = (params, jax.random.split(layers.make_rng("dropout"), cfg.num_layers)) if drop else (params, None)
+    groups = jax.tree.map(lambda p: p.reshape(cfg.num_layers // group, group, *p.shape[1:]), stacked)
     block = block_cls(cfg, parent=None)  # detached: applied as a pure function of one layer's params
 
-    def one_layer(x, layer_params):
-        return block.apply({"params": layer_params}, x, segment_ids, rope, None)[0], None
+    def one_layer(x, layer):
+        layer_params, key = layer
+        rngs = None if key is None else {"dropout": key}
+        return block.apply({"params": layer_params}, x, segment_ids, rope, None, rngs=rngs)[0], None
 
     layer_fn = jax.checkpoint(one_layer, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
 

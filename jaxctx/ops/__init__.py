@@ -15,3 +15,6 @@ from jaxctx.ops.ring import (from_layout, from_layout_index, ring_attention, rin
 
 __all__ += ["from_layout", "from_layout_index", "ring_attention", "ring_attention_in_layout", "ring_traffic",
             "ring_work", "to_layout", "to_layout_index"]
+from jaxctx.ops.dropout import attention_dropout_mask, hidden_dropout
+
+__all__ += ["attention_dropout_mask", "hidden_dropout"]

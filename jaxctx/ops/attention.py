@@ -11,7 +11,12 @@ chosen at call time (never at import time) from `impl`:
   in O(T) memory (cuDNN here gets a dense [B, 1, T, T] mask).
 - "splash": Pallas splash attention, TPU only.
 - "auto": on GPU pallas_gpu when segment_ids are given, else cudnn for bf16/f16 and blockwise for f32; splash
-  on TPU when importable; blockwise otherwise.
+  on TPU when importable; blockwise otherwise. With attention dropout on, always blockwise.
+
+Attention dropout (`dropout_rate` > 0 and a `dropout_key`) runs in reference, xla (materialised, through the
+reference) and blockwise, and in the ring kernel (`jaxctx.ops.ring`); all draw the same counter-based mask
+(`jaxctx.ops.dropout.attention_dropout_mask`). cudnn, pallas_gpu and splash have no such mask: asking them for
+dropout raises a PlatformError.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxctx.ops.blockwise import blockwise_attention
+from jaxctx.errors import PlatformError
+from jaxctx.ops.blockwise import blockwise_attention, dropout_args
 from jaxctx.ops.reference import reference_attention, visibility_mask
 
 IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "pallas_gpu", "splash")
@@ -88,7 +94,7 @@ def resolve_impl(impl: str, dtype=None, segmented: bool = False) -> str:
 
 
 def attention(q, k, v, *, causal: bool = False, segment_ids=None, impl: str = "auto",
-              block_q: int | None = None, block_k: int | None = None):
+              block_q: int | None = None, block_k: int | None = None, dropout_rate: float = 0.0, dropout_key=None):
     """Scaled dot-product attention.
 
     Args:
@@ -98,16 +104,29 @@ def attention(q, k, v, *, causal: bool = False, segment_ids=None, impl: str = "a
         padding is simply a segment of its own).
       impl: see the module docstring.
       block_q, block_k: block sizes for "blockwise" (None = kernel default).
+      dropout_rate: attention-probability dropout in [0, 1); active only with a dropout_key (a jax PRNG key).
+        The mask is a function of (key, batch row, query head, query position, key position) only.
     Returns:
       [B, T, H, D] in q's dtype.
     """
     _validate(q, k, v, segment_ids, impl)
+    words, rate = dropout_args(dropout_rate, dropout_key)
+    if words is not None:
+        if impl == "auto":
+            impl = "blockwise"  # the fused kernels have no counter-based dropout mask
+        elif impl in ("cudnn", "pallas_gpu", "splash"):
+            raise PlatformError(f"attention impl={impl!r} cannot apply attention dropout (rate {rate}); use "
+                                f"model.attention=auto or blockwise, or model.attention_dropout=0")
     impl = resolve_impl(impl, q.dtype, segmented=segment_ids is not None)
+    if impl in ("reference", "xla") and words is not None:
+        # xla has no dropout of its own: the materialised reference path is the same O(T^2) computation.
+        return reference_attention(q, k, v, causal=causal, segment_ids=segment_ids, dropout_rate=rate,
+                                   dropout_key=words)
     if impl == "reference":
         return reference_attention(q, k, v, causal=causal, segment_ids=segment_ids)
     if impl == "blockwise":
         return blockwise_attention(q, k, v, causal=causal, segment_ids=segment_ids, block_q=block_q,
-                                   block_k=block_k)
+                                   block_k=block_k, dropout_rate=rate, dropout_key=words)
     if impl == "xla":
         return _xla_attention(q, k, v, causal=causal, segment_ids=segment_ids)
     if impl == "cudnn":

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxctx.ops.buffers import zeros_like_in_loop
+from jaxctx.ops.dropout import attention_keep_block, key_words
 
 DEFAULT_BLOCK = 512  # large blocks amortise loop overhead; a [B, H, 512, 512] f32 tile is 1 MiB per head
 # Sentinel segment ids for padded rows: padded keys match nothing, padded queries (discarded) match nothing.
@@ -55,11 +56,13 @@ def pick_block(requested: int | None, t: int) -> int:
 
 
 def blockwise_attention(q, k, v, *, causal: bool = False, segment_ids=None, block_q: int | None = None,
-                        block_k: int | None = None):
+                        block_k: int | None = None, dropout_rate: float = 0.0, dropout_key=None):
     """Attention with O(T * block) memory in forward and backward.
 
     q [B, T, H, D]; k, v [B, T, Hkv, D], H % Hkv == 0; segment_ids optional int [B, T]. Any T works: inputs are
     padded up to a multiple of the block sizes and the padding is masked out. Returns [B, T, H, D] in q's dtype.
+    dropout_rate > 0 with a dropout_key (a jax PRNG key) drops attention probabilities with the counter-based
+    mask of `jaxctx.ops.dropout` (regenerated in the backward, never stored); otherwise no dropout.
     """
     b, t, h, d = q.shape
     hkv = k.shape[2]
@@ -83,8 +86,23 @@ def blockwise_attention(q, k, v, *, causal: bool = False, segment_ids=None, bloc
     # keeps padded keys after every real query under causal masking).
     q_pos = lax.iota(jnp.int32, tq)[None]  # [1, Tq]
     k_pos = lax.iota(jnp.int32, tk)[None]  # [1, Tk]
-    out = _attention(qg, kp, vp, q_pos, k_pos, q_seg, k_seg, causal, bq, bk)  # [B, Tq, Hkv, G, D]
+    words, rate = dropout_args(dropout_rate, dropout_key)
+    out = _attention(qg, kp, vp, q_pos, k_pos, q_seg, k_seg, words, causal, bq, bk, rate)  # [B, Tq, Hkv, G, D]
     return out[:, :t].reshape(b, t, h, d)
+
+
+def dropout_args(rate: float, key):
+    """(key words uint32[2] or None, rate) for the kernels: dropout is on only with rate > 0 and a key."""
+    rate = float(rate)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"attention dropout_rate={rate} must be in [0, 1)")
+    if rate == 0.0 or key is None:
+        return None, 0.0
+    return key_words(key), rate
+
+
+def _dropout(words, rate):
+    return None if words is None else (words, rate)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,6 +191,23 @@ def _slice(x, start, size, axis=1):
     return None if x is None else lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
+def _dropout_factor(dropout, q_pos, k_pos, b, hkv, g):
+    """The block's dropout factor Z = keep / (1 - rate), f32 [B, Hkv, G, bq, bk], or None without dropout.
+
+    The keep bits come from the key and the block's global positions q_pos [P, bq], k_pos [P, bk]
+    (`jaxctx.ops.dropout`), so forward, backward, every ring step and the reference draw the same mask.
+    """
+    if dropout is None:
+        return None
+    words, rate = dropout
+    keep = attention_keep_block(words, rate, q_pos, k_pos, b, hkv, g)
+    return jnp.where(keep, jnp.float32(1.0 / (1.0 - rate)), jnp.float32(0.0))
+
+
+def _times(x, factor):
+    return x if factor is None else x * factor
+
+
 def _visible_range(ranges, idx, n_other, *, over_keys: bool):
     """Loop bounds when positions are sorted (nondecreasing along T): only a prefix/suffix can be visible.
 
@@ -191,7 +226,7 @@ def _visible_range(ranges, idx, n_other, *, over_keys: bool):
 # ----------------------------------------------------------------------------------------------------------
 
 def chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, bq: int, bk: int,
-                  sorted_positions: bool = False, state=None):
+                  sorted_positions: bool = False, state=None, dropout=None):
     """Attention of a query chunk against a key chunk, with explicit positions and segment ids.
 
     q [B, Tq, Hkv, G, D]; k, v [B, Tk, Hkv, D]; q_pos [P, Tq], k_pos [P, Tk] int32 (P = 1 or B); q_seg [B, Tq],
@@ -201,6 +236,7 @@ def chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, bq: int,
     state=None: returns out [B, Tq, Hkv, G, D] in q's dtype and lse [B, Hkv, G, Tq] float32 (-inf and out = 0
     for rows that see no key). state=(acc, m, l), the running statistics of earlier chunks (see `init_state`):
     returns them updated with this chunk's keys, so several chunks merge exactly as the blocks of one do.
+    dropout: None, or (key words uint32[2], rate) for attention dropout (see `_dropped`).
     """
     b, tq, hkv, g, d = q.shape
     nq, nk = tq // bq, k.shape[1] // bk
@@ -223,7 +259,9 @@ def chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, bq: int,
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet: exp(-inf) = 0
             p = jnp.exp(s - m_safe[..., None])
             correction = jnp.exp(m - m_safe)
-            l = l * correction + jnp.sum(p, axis=-1)
+            l = l * correction + jnp.sum(p, axis=-1)  # the softmax normaliser counts dropped entries too
+            if dropout is not None:
+                p = p * _dropout_factor(dropout, _slice(q_pos, i * bq, bq), _slice(k_pos, j * bk, bk), b, hkv, g)
             pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
             acc = acc * correction[..., None] + pv
             return m_new, l, acc
@@ -292,13 +330,14 @@ def softmax_delta(out, d_out):
 
 
 def chunk_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, delta, d_out, *, causal: bool, bq: int, bk: int,
-                   sorted_positions: bool = False, grads=None):
+                   sorted_positions: bool = False, grads=None, dropout=None):
     """Gradients of one chunk pair given the final lse [B, Hkv, G, Tq] and delta [B, Hkv, G, Tq].
 
     Shapes as `chunk_forward`; d_out [B, Tq, Hkv, G, D]. lse is the log-sum-exp over *all* keys the queries see
     (in ring attention: over every chunk), -inf for rows that see nothing. Returns dq [B, Tq, Hkv, G, D],
     dk, dv [B, Tk, Hkv, D], all float32. grads: optional (dq, dk, dv) f32 to add to, so a caller summing
-    several chunks (ring attention) needs no second set of buffers.
+    several chunks (ring attention) needs no second set of buffers. dropout: as `chunk_forward`; the keep mask
+    of every block is regenerated from the same key and global positions, never stored.
     """
     b, tq, hkv, g, d = q.shape
     tk = k.shape[1]
@@ -332,9 +371,12 @@ def chunk_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, delta, d_out, *, ca
             s = _masked_scores(q_blk, k_blk, _slice(q_pos, i * bq, bq) if causal else None, kp,
                                _slice(q_seg, i * bq, bq), ks, masked)  # [B, Hkv, G, bq, bk]
             p = jnp.exp(s - lse_blk[..., None])  # exact softmax probabilities of this block
-            dv_acc = dv_acc + jnp.einsum("bhgqk,bqhgd->bhkd", p.astype(do_blk.dtype), do_blk,
+            # With dropout O = (P * Z) V, Z = keep / (1 - rate): dV = (P * Z)^T dO and dP = Z * (dO V^T); the
+            # softmax term rowsum(P * dP) is still rowsum(dO * O) = delta.
+            z = None if dropout is None else _dropout_factor(dropout, _slice(q_pos, i * bq, bq), kp, b, hkv, g)
+            dv_acc = dv_acc + jnp.einsum("bhgqk,bqhgd->bhkd", _times(p, z).astype(do_blk.dtype), do_blk,
                                          preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bqhgd,bkhd->bhgqk", do_blk, v_blk, preferred_element_type=jnp.float32)
+            dp = _times(jnp.einsum("bqhgd,bkhd->bhgqk", do_blk, v_blk, preferred_element_type=jnp.float32), z)
             ds = p * (dp - delta_blk[..., None])  # [B, Hkv, G, bq, bk]
             ds_in = ds.astype(q.dtype)
             dq_blk = jnp.einsum("bhgqk,bkhd->bqhgd", ds_in, k_blk, preferred_element_type=jnp.float32) * scale
@@ -362,24 +404,23 @@ def chunk_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, delta, d_out, *, ca
 # custom_vjp wiring for one device
 # ----------------------------------------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _attention(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, bq, bk):
-    out, _ = chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal, bq=bq, bk=bk, sorted_positions=True)
-    return out
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _attention(q, k, v, q_pos, k_pos, q_seg, k_seg, words, causal, bq, bk, rate):
+    return _attention_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, words, causal, bq, bk, rate)[0]
 
 
-def _attention_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, bq, bk):
+def _attention_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, words, causal, bq, bk, rate):
     out, lse = chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal, bq=bq, bk=bk,
-                             sorted_positions=True)
-    return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse)
+                             sorted_positions=True, dropout=_dropout(words, rate))
+    return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, words, out, lse)
 
 
-def _attention_bwd(causal, bq, bk, residuals, d_out):
-    q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse = residuals
+def _attention_bwd(causal, bq, bk, rate, residuals, d_out):
+    q, k, v, q_pos, k_pos, q_seg, k_seg, words, out, lse = residuals
     dq, dk, dv = chunk_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, softmax_delta(out, d_out), d_out,
-                                causal=causal, bq=bq, bk=bk, sorted_positions=True)
-    # positions and segment ids are integers: no cotangent
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+                                causal=causal, bq=bq, bk=bk, sorted_positions=True, dropout=_dropout(words, rate))
+    # positions, segment ids and the dropout key are integers: no cotangent
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxctx.ops.dropout import attention_dropout_mask
+
 
 def visibility_mask(t_q: int, t_k: int, *, causal: bool, segment_ids: jax.Array | None) -> jax.Array | None:
     """Boolean [B or 1, 1, T, T] mask: True where a query may attend to a key; None when everything is visible."""
@@ -20,11 +22,14 @@ def visibility_mask(t_q: int, t_k: int, *, causal: bool, segment_ids: jax.Array 
     return mask
 
 
-def reference_attention(q, k, v, *, causal: bool = False, segment_ids=None):
+def reference_attention(q, k, v, *, causal: bool = False, segment_ids=None, dropout_rate: float = 0.0,
+                        dropout_key=None):
     """Softmax attention computed in float32 with the score matrix materialised.
 
     q [B, T, H, D]; k, v [B, T, Hkv, D] with H % Hkv == 0 (grouped-query attention shares each k/v head
-    across H // Hkv query heads). A query with no visible key returns zeros.
+    across H // Hkv query heads). A query with no visible key returns zeros. dropout_rate > 0 with a dropout_key:
+    the probabilities are multiplied by the materialised `attention_dropout_mask` / (1 - rate), the same mask
+    the blockwise and ring kernels regenerate block by block.
     """
     b, t, h, d = q.shape
     hkv = k.shape[2]
@@ -41,5 +46,10 @@ def reference_attention(q, k, v, *, causal: bool = False, segment_ids=None):
     probs = jnp.exp(scores - row_max)
     denom = jnp.sum(probs, axis=-1, keepdims=True)
     probs = probs / jnp.where(denom == 0, 1.0, denom)
+    if dropout_rate > 0.0 and dropout_key is not None:
+        positions = jnp.arange(t)
+        keep = attention_dropout_mask(dropout_key, dropout_rate, b, h, positions, positions)  # [B, H, T, T]
+        keep = keep.reshape(b, hkv, groups, t, t)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, vf)  # [B, T, Hkv, G, D]
     return out.reshape(b, t, h, d).astype(q.dtype)

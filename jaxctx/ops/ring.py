@@ -44,8 +44,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxctx.ops.attention import _validate
 from jaxctx.ops.blockwise import (PAD_KEY_SEGMENT, PAD_QUERY_SEGMENT, SKIP, block_kind, block_ranges,
-                                  chunk_backward, chunk_forward, finish_state, init_state, pick_block, round_up,
-                                  softmax_delta)
+                                  chunk_backward, chunk_forward, dropout_args, finish_state, init_state, pick_block,
+                                  round_up, softmax_delta)
 from jaxctx.ops.buffers import zeros_like_in_loop
 
 STRATEGIES = ("ring", "all_gather")
@@ -207,11 +207,13 @@ def _check_common(mesh, axis, strategy):
 
 def ring_attention(q, k, v, *, mesh, axis: str = "sequence", causal: bool = False, segment_ids=None,
                    strategy: str = "ring", layout: str = "zigzag", block_q: int | None = None,
-                   block_k: int | None = None):
+                   block_k: int | None = None, dropout_rate: float = 0.0, dropout_key=None):
     """Attention with the sequence split over mesh axis `axis`; same semantics as `jaxctx.ops.attention`.
 
     q [B, T, H, D], k/v [B, T, Hkv, D] global arrays in natural token order (sharded or not); segment_ids
     optional int [B, T]. Any T (padded internally and masked). Returns [B, T, H, D] in natural order, q's dtype.
+    dropout_rate/dropout_key: attention dropout as `jaxctx.ops.attention` (the mask follows the original
+    positions, so it equals the one-device mask for any axis size and layout).
     """
     _validate(q, k, v, segment_ids, "blockwise")
     n = _check_common(mesh, axis, strategy)
@@ -230,19 +232,21 @@ def ring_attention(q, k, v, *, mesh, axis: str = "sequence", causal: bool = Fals
     positions = jnp.asarray(to_layout_index(t_pad, n, layout))[None]  # [1, T_pad]
     q, k, v = (to_layout(jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))), n, layout) for x in (q, k, v))
     out = _context_parallel(q, k, v, positions, q_seg, k_seg, mesh=mesh, axis=axis, n=n, causal=causal,
-                            strategy=strategy, bq=bq, bk=bk, sorted_positions=layout == "contiguous" or n == 1)
+                            strategy=strategy, bq=bq, bk=bk, sorted_positions=layout == "contiguous" or n == 1,
+                            dropout=dropout_args(dropout_rate, dropout_key))
     return from_layout(out, n, layout)[:, :t]
 
 
 def ring_attention_in_layout(q, k, v, positions, *, mesh, axis: str = "sequence", causal: bool = False,
                              segment_ids=None, strategy: str = "ring", block_q: int | None = None,
-                             block_k: int | None = None):
+                             block_k: int | None = None, dropout_rate: float = 0.0, dropout_key=None):
     """Ring attention on inputs already permuted to a layout (for models, under an outer jit with the mesh).
 
     q [B, T, H, D], k/v [B, T, Hkv, D], segment_ids optional int [B, T], all in layout order (sharded or not
     along T over `axis`); positions int [T] or [B, T]: the original position of each token (causal masking
     compares these). T must be divisible by the axis size; each device's T/N tokens are padded locally to the
-    blocks if needed. Returns [B, T, H, D] in the same layout order.
+    blocks if needed. Returns [B, T, H, D] in the same layout order. dropout_rate/dropout_key: as `ring_attention`
+    (positions are what the dropout mask follows, so pass the natural token index, not per-document positions).
     """
     _validate(q, k, v, segment_ids, "blockwise")
     n = _check_common(mesh, axis, strategy)
@@ -259,7 +263,8 @@ def ring_attention_in_layout(q, k, v, positions, *, mesh, axis: str = "sequence"
     bq, bk = pick_block(block_q, tl), pick_block(block_k, tl)
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
     return _context_parallel(q, k, v, positions, seg, seg, mesh=mesh, axis=axis, n=n, causal=causal,
-                             strategy=strategy, bq=bq, bk=bk, sorted_positions=False)
+                             strategy=strategy, bq=bq, bk=bk, sorted_positions=False,
+                             dropout=dropout_args(dropout_rate, dropout_key))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -267,10 +272,12 @@ def ring_attention_in_layout(q, k, v, positions, *, mesh, axis: str = "sequence"
 # ----------------------------------------------------------------------------------------------------------
 
 def _context_parallel(q, k, v, positions, q_seg, k_seg, *, mesh, axis, n, causal, strategy, bq, bk,
-                      sorted_positions):
-    """q [B, T, H, D], k/v [B, T, Hkv, D], positions [P, T], q_seg/k_seg [B, T] or None; T in layout order."""
-    statics = _Statics(mesh, axis, n, causal, strategy, bq, bk, sorted_positions)
-    return _attend(q, k, v, positions, q_seg, k_seg, statics)
+                      sorted_positions, dropout=(None, 0.0)):
+    """q [B, T, H, D], k/v [B, T, Hkv, D], positions [P, T], q_seg/k_seg [B, T] or None; T in layout order.
+    dropout: (key words uint32[2] or None, rate) from `blockwise.dropout_args`."""
+    words, rate = dropout
+    statics = _Statics(mesh, axis, n, causal, strategy, bq, bk, sorted_positions, rate)
+    return _attend(q, k, v, positions, q_seg, k_seg, words, statics)
 
 
 class _Statics(NamedTuple):
@@ -284,16 +291,22 @@ class _Statics(NamedTuple):
     bq: int
     bk: int
     sorted_positions: bool
+    dropout_rate: float  # attention dropout; used only when a key is given
 
 
 # One custom VJP around the whole context-parallel call; its forward and backward are each one shard_map over
 # the axis (the forward saves only the local inputs, the output and the lse).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attend(q, k, v, positions, q_seg, k_seg, st):
-    return _attend_fwd(q, k, v, positions, q_seg, k_seg, st)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _attend(q, k, v, positions, q_seg, k_seg, words, st):
+    return _attend_fwd(q, k, v, positions, q_seg, k_seg, words, st)[0]
 
 
-def _attend_fwd(q, k, v, positions, q_seg, k_seg, st):
+def _dropout_in(words, st):
+    """shard_map operands and in_specs for the dropout key (replicated: every device draws from the same key)."""
+    return ((), ()) if words is None else ((words,), (P(),))
+
+
+def _attend_fwd(q, k, v, positions, q_seg, k_seg, words, st):
     has_seg = q_seg is not None
     # Positions and segment ids are the same for every layer. Under a scan over layers, autodiff would hoist
     # everything computed from them alone (every (ring step, q block, k block) mask: [N-1, Tl/bq, Tl/bk, ...,
@@ -301,28 +314,39 @@ def _attend_fwd(q, k, v, positions, q_seg, k_seg, st):
     # inside the loop, computed block by block.
     q, positions, q_seg, k_seg = lax.optimization_barrier((q, positions, q_seg, k_seg))
 
-    def body(q, k, v, pos, *segs):
+    def body(q, k, v, pos, *rest):
         # Per device: q [B, Tl, H, D], k/v [B, Tl, Hkv, D], pos [P, Tl], segs [B, Tl] (Tl = T / N).
+        segs, dropout = _split_rest(rest, has_seg, st)
         b, tl, h, d = q.shape
         qg, k, v, pos, qs, ks = _local_inputs(q, k, v, pos, segs, st)
         fwd = _ring_forward if st.strategy == "ring" else _gathered_forward
-        out, lse = fwd(qg, k, v, pos, pos, qs, ks, st.axis, st.n, st.causal, st.bq, st.bk, st.sorted_positions)
+        out, lse = fwd(qg, k, v, pos, pos, qs, ks, st.axis, st.n, st.causal, st.bq, st.bk, st.sorted_positions,
+                       dropout)
         return out[:, :tl].reshape(b, tl, h, d), lse  # out [B, Tl, H, D]; lse [B, Hkv, G, Tl_pad] f32
 
     segs = (q_seg, k_seg) if has_seg else ()
+    drop_args, drop_specs = _dropout_in(words, st)
     spec = P(None, st.axis)  # only the length axis is manual; batch/head shardings stay with the compiler
-    f = jax.shard_map(body, mesh=st.mesh, in_specs=(spec,) * (4 + len(segs)),
+    f = jax.shard_map(body, mesh=st.mesh, in_specs=(spec,) * (4 + len(segs)) + drop_specs,
                       out_specs=(spec, P(None, None, None, st.axis)), axis_names=frozenset({st.axis}),
                       check_vma=False)
-    out, lse = f(q, k, v, positions, *segs)
-    return out, (q, k, v, positions, q_seg, k_seg, out, lse)
+    out, lse = f(q, k, v, positions, *segs, *drop_args)
+    return out, (q, k, v, positions, q_seg, k_seg, words, out, lse)
+
+
+def _split_rest(rest, has_seg, st):
+    """shard_map body's trailing operands -> (segment ids tuple, dropout (words, rate) or None)."""
+    segs = tuple(rest[:2]) if has_seg else ()
+    words = rest[2 if has_seg else 0:]
+    return segs, ((words[0], st.dropout_rate) if words else None)
 
 
 def _attend_bwd(st, res, d_out):
-    q, k, v, positions, q_seg, k_seg, out, lse = res
+    q, k, v, positions, q_seg, k_seg, words, out, lse = res
     has_seg = q_seg is not None
 
-    def body(q, k, v, pos, out, lse, d_out, *segs):
+    def body(q, k, v, pos, out, lse, d_out, *rest):
+        segs, dropout = _split_rest(rest, has_seg, st)
         b, tl, h, d = q.shape
         qg, k_p, v_p, pos, qs, ks = _local_inputs(q, k, v, pos, segs, st)
         hkv, tl_pad = k_p.shape[2], k_p.shape[1]
@@ -333,17 +357,18 @@ def _attend_bwd(st, res, d_out):
 
         bwd = _ring_backward if st.strategy == "ring" else _gathered_backward
         dq, dk, dv = bwd(qg, k_p, v_p, pos, pos, qs, ks, like_q(out), lse, like_q(d_out), st.axis, st.n, st.causal,
-                         st.bq, st.bk, st.sorted_positions)
+                         st.bq, st.bk, st.sorted_positions, dropout)
         return (dq[:, :tl].reshape(b, tl, h, d).astype(q.dtype), dk[:, :tl].astype(k.dtype),
                 dv[:, :tl].astype(v.dtype))
 
     segs = (q_seg, k_seg) if has_seg else ()
+    drop_args, drop_specs = _dropout_in(words, st)
     spec = P(None, st.axis)
     f = jax.shard_map(body, mesh=st.mesh, in_specs=(spec,) * 4 + (spec, P(None, None, None, st.axis), spec)
-                      + (spec,) * len(segs), out_specs=(spec, spec, spec), axis_names=frozenset({st.axis}),
-                      check_vma=False)
-    dq, dk, dv = f(q, k, v, positions, out, lse, d_out, *segs)
-    return dq, dk, dv, None, None, None
+                      + (spec,) * len(segs) + drop_specs, out_specs=(spec, spec, spec),
+                      axis_names=frozenset({st.axis}), check_vma=False)
+    dq, dk, dv = f(q, k, v, positions, out, lse, d_out, *segs, *drop_args)
+    return dq, dk, dv, None, None, None, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -385,12 +410,12 @@ def _visible(q_pos, k_pos, q_seg, k_seg, causal):
 # strategy="ring"
 # ----------------------------------------------------------------------------------------------------------
 
-def _ring_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions):
+def _ring_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions, dropout=None):
     """Local q [B, Tl, Hkv, G, D] against every chunk of the ring -> out [B, Tl, Hkv, G, D] (q dtype), lse f32.
 
     The running softmax statistics (acc f32 like q, row max and row sum [B, Hkv, G, Tl]) carry over from one
     chunk to the next: merging chunks by log-sum-exp is the same online-softmax update as merging blocks."""
-    kw = dict(causal=causal, bq=bq, bk=bk, sorted_positions=sorted_positions)
+    kw = dict(causal=causal, bq=bq, bk=bk, sorted_positions=sorted_positions, dropout=dropout)
 
     def visit(chunk, state):
         kc, vc, kp, ks = chunk
@@ -409,8 +434,8 @@ def _ring_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis, n, causal, bq, bk, 
 
 
 def _ring_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse, d_out, axis, n, causal, bq, bk,
-                   sorted_positions):
-    kw = dict(causal=causal, bq=bq, bk=bk, sorted_positions=sorted_positions)
+                   sorted_positions, dropout=None):
+    kw = dict(causal=causal, bq=bq, bk=bk, sorted_positions=sorted_positions, dropout=dropout)
     delta = softmax_delta(out, d_out)  # [B, Hkv, G, Tl], from the final output: the same for every chunk
 
     def visit(chunk, grads):
@@ -445,18 +470,20 @@ def _gather(x, axis):
     return None if x is None else lax.all_gather(x, axis, axis=1, tiled=True)
 
 
-def _gathered_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions):
+def _gathered_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions,
+                      dropout=None):
     """Local queries against K/V of the whole sequence (Hkv heads, gathered): out, lse. Nothing O(T) is
     saved: the backward gathers K/V again."""
     return chunk_forward(q, _gather(k, axis), _gather(v, axis), q_pos, _gather(k_pos, axis), q_seg,
-                         _gather(k_seg, axis), causal=causal, bq=bq, bk=bk, sorted_positions=sorted_positions)
+                         _gather(k_seg, axis), causal=causal, bq=bq, bk=bk, sorted_positions=sorted_positions,
+                         dropout=dropout)
 
 
 def _gathered_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse, d_out, axis, n, causal, bq, bk,
-                       sorted_positions):
+                       sorted_positions, dropout=None):
     dq, dk, dv = chunk_backward(q, _gather(k, axis), _gather(v, axis), q_pos, _gather(k_pos, axis), q_seg,
                                 _gather(k_seg, axis), lse, softmax_delta(out, d_out), d_out, causal=causal,
-                                bq=bq, bk=bk, sorted_positions=sorted_positions)
+                                bq=bq, bk=bk, sorted_positions=sorted_positions, dropout=dropout)
     # Every device holds partial dK/dV for the whole sequence: sum them onto the owners, in f32.
     dk, dv = (lax.psum_scatter(x, axis, scatter_dimension=1, tiled=True) for x in (dk, dv))
     return dq, dk, dv

@@ -22,6 +22,11 @@ from jaxctx.train.state import abstract_state, create_state
 from jaxctx.train.step import (TrainState, make_eval_step, make_pmap_train_step, make_train_step)
 
 
+def dropout_seed(cfg: Config) -> int | None:
+    """train.seed when the model has any dropout (the step then draws dropout keys from it), else None."""
+    return cfg.train.seed if cfg.model.dropout > 0.0 or cfg.model.attention_dropout > 0.0 else None
+
+
 def make_runner(cfg: Config, mesh: Mesh):
     """The runner for `parallel.mode` (checks that the batch splits evenly over the data-parallel devices)."""
     runner = PmapRunner(cfg, mesh) if cfg.parallel.mode == "pmap" else JitRunner(cfg, mesh)
@@ -46,7 +51,8 @@ class JitRunner:
         self.data_parallel = data_parallel_size(mesh)
         self.data_group = data_group(mesh)  # the rows this process feeds (refuses layouts that cannot be fed)
         self._abstract, self.state_shardings = abstract_state(self.model, self.optimizer, cfg.data.seq_len, mesh)
-        step = make_train_step(self.model, self.optimizer, self.schedule, cfg.train.grad_accum)
+        step = make_train_step(self.model, self.optimizer, self.schedule, cfg.train.grad_accum,
+                               dropout_seed=dropout_seed(cfg))
         self._step = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
                              out_shardings=(self.state_shardings, None), donate_argnums=0)
         eval_step = make_eval_step(self.model)
@@ -114,7 +120,8 @@ class PmapRunner:
         self._single = Mesh(np.asarray(self.devices[:1]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
         self._abstract, _ = abstract_state(self.model, self.optimizer, cfg.data.seq_len, self._single)
         self._one_device = jax.sharding.SingleDeviceSharding(self.devices[0])
-        step = make_pmap_train_step(self.model, self.optimizer, self.schedule, cfg.train.grad_accum)
+        step = make_pmap_train_step(self.model, self.optimizer, self.schedule, cfg.train.grad_accum,
+                                    dropout_seed=dropout_seed(cfg))
         self._step = jax.pmap(step, axis_name="batch", donate_argnums=0)
         eval_step = make_eval_step(self.model)
         self._eval = jax.pmap(lambda p, b: jax.lax.psum(eval_step(p, b), "batch"), axis_name="batch")

@@ -8,6 +8,12 @@ Batches are dicts of [B, T] arrays (see jaxctx.data.packing): `input_ids`, `targ
 `segment_ids`, `positions` and, for BERT, `token_type_ids`. The loss is the mean cross-entropy over scored
 tokens: sum(ce * loss_mask) / sum(loss_mask) over the whole global batch, however it is split.
 
+Dropout (model.dropout / model.attention_dropout > 0): the step passes the model a "dropout" rng,
+`fold_in(fold_in(PRNGKey(train.seed), DROPOUT_STREAM), state.step)` and then the micro-batch index. The key is a
+function of the seed and the step alone, and the masks are counter-based functions of global coordinates
+(`jaxctx.ops.dropout`), so a resumed run redraws exactly the uninterrupted run's masks and any mesh draws the same
+ones. Eval steps pass no rng: deterministic.
+
 Context parallelism (a mesh `sequence` axis of N > 1 devices): `loss_sums` permutes every [B, T] batch array
 once into the zigzag layout of `jaxctx.ops.ring` before the model (positions travel with their tokens, so
 RoPE and learned positions see the true ones); the loss is a sum over tokens, so it does not depend on order.
@@ -36,15 +42,24 @@ class TrainState:
     opt_state: Any
 
 
-def loss_sums(model: nn.Module, params, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """(sum of cross-entropy over scored tokens, number of scored tokens) for one batch."""
+DROPOUT_STREAM = 0x64726F70  # "drop": keeps the dropout keys apart from the init key PRNGKey(train.seed)
+
+
+def dropout_key(seed: int, step: jax.Array) -> jax.Array:
+    """The train step's dropout key: a function of train.seed and the optimizer step only."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), DROPOUT_STREAM), step)
+
+
+def loss_sums(model: nn.Module, params, batch: dict, dropout_rng: jax.Array | None = None):
+    """(sum of cross-entropy over scored tokens, number of scored tokens) for one batch; dropout with a key."""
     n = sequence_size(jax.sharding.get_abstract_mesh())
     batch = to_sequence_layout(batch, n)
     kwargs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
 
     def apply():
+        rngs = None if dropout_rng is None else {"dropout": dropout_rng}
         return model.apply({"params": params}, batch["input_ids"], batch["targets"], batch["loss_mask"],
-                           method="loss", **kwargs)
+                           method="loss", rngs=rngs, **kwargs)
 
     if n == 1:
         return apply()
@@ -74,21 +89,28 @@ def _split_micro(batch: dict, accum: int) -> dict:
     return {k: v.reshape(v.shape[0] // accum, accum, *v.shape[1:]).swapaxes(0, 1) for k, v in batch.items()}
 
 
-def grads_and_sums(model, params, batch: dict, accum: int):
-    """Gradients of the summed loss, plus (loss_sum, weight_sum), accumulated over `accum` micro-batches."""
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(model, p, b), has_aux=True)
+def grads_and_sums(model, params, batch: dict, accum: int, dropout_rng: jax.Array | None = None):
+    """Gradients of the summed loss, plus (loss_sum, weight_sum), accumulated over `accum` micro-batches.
+
+    dropout_rng: None (no dropout) or the step's key; micro-batch m draws from fold_in(key, m)."""
+    grad_fn = jax.value_and_grad(lambda p, b, r: loss_sums(model, p, b, r), has_aux=True)
+
+    def micro_rng(m):
+        return None if dropout_rng is None else jax.random.fold_in(dropout_rng, m)
+
     if accum == 1:
-        (loss_sum, weight_sum), grads = grad_fn(params, batch)
+        (loss_sum, weight_sum), grads = grad_fn(params, batch, micro_rng(0))
         return grads, loss_sum, weight_sum
 
     def micro_step(carry, micro):
         grads, loss_sum, weight_sum = carry
-        (l_sum, w_sum), g = grad_fn(params, micro)
+        m, micro = micro
+        (l_sum, w_sum), g = grad_fn(params, micro, micro_rng(m))
         return (jax.tree.map(jnp.add, grads, g), loss_sum + l_sum, weight_sum + w_sum), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (grads, loss_sum, weight_sum), _ = jax.lax.scan(
-        micro_step, (zeros, jnp.float32(0), jnp.float32(0)), _split_micro(batch, accum))
+        micro_step, (zeros, jnp.float32(0), jnp.float32(0)), (jnp.arange(accum), _split_micro(batch, accum)))
     return grads, loss_sum, weight_sum
 
 
@@ -119,21 +141,32 @@ def apply_update(state: TrainState, grads, loss_sum, weight_sum, optimizer, sche
     return new_state, metrics
 
 
-def make_train_step(model, optimizer, schedule, accum: int) -> Callable:
-    """The jit-path step: a pure function of (state, batch); shardings are given by the caller's jax.jit."""
+def make_train_step(model, optimizer, schedule, accum: int, dropout_seed: int | None = None) -> Callable:
+    """The jit-path step: a pure function of (state, batch); shardings are given by the caller's jax.jit.
+
+    dropout_seed: train.seed when the model has a dropout rate > 0, else None (the step compiles without rngs)."""
 
     def train_step(state: TrainState, batch: dict):
-        grads, loss_sum, weight_sum = grads_and_sums(model, state.params, batch, accum)
+        rng = None if dropout_seed is None else dropout_key(dropout_seed, state.step)
+        grads, loss_sum, weight_sum = grads_and_sums(model, state.params, batch, accum, rng)
         return apply_update(state, grads, loss_sum, weight_sum, optimizer, schedule)
 
     return train_step
 
 
-def make_pmap_train_step(model, optimizer, schedule, accum: int, axis_name: str = "batch") -> Callable:
-    """The pmap-path step: each device takes its rows; sums are psum-ed so the maths equals the jit path."""
+def make_pmap_train_step(model, optimizer, schedule, accum: int, axis_name: str = "batch",
+                         dropout_seed: int | None = None) -> Callable:
+    """The pmap-path step: each device takes its rows; sums are psum-ed so the maths equals the jit path.
+
+    With dropout each device folds its index into the step's key: its rows are numbered from 0 locally, so
+    without it every device would drop the same elements. (Deterministic and resumable, but not the jit path's
+    masks.)"""
 
     def train_step(state: TrainState, batch: dict):
-        grads, loss_sum, weight_sum = grads_and_sums(model, state.params, batch, accum)
+        rng = None
+        if dropout_seed is not None:
+            rng = jax.random.fold_in(dropout_key(dropout_seed, state.step), jax.lax.axis_index(axis_name))
+        grads, loss_sum, weight_sum = grads_and_sums(model, state.params, batch, accum, rng)
         grads, loss_sum, weight_sum = jax.lax.psum((grads, loss_sum, weight_sum), axis_name)
         return apply_update(state, grads, loss_sum, weight_sum, optimizer, schedule)
 
