@@ -24,6 +24,8 @@ FAMILIES = ("gpt2", "llama", "bert")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "pallas_gpu", "splash")
 CONTEXT_PARALLEL = ("ring", "all_gather")  # strategies of jaxctx.ops.ring over the `sequence` mesh axis
 DTYPES = ("float32", "bfloat16", "float16")
+TASKS = ("lm", "sequence_classification", "token_classification")  # model.task: jaxctx.models.heads
+PROBLEM_TYPES = ("single_label", "multi_label", "regression")  # model.problem_type, as HF's problem_type
 REMAT_POLICIES = (
     "none",  # no rematerialisation: every activation is stored for the backward pass
     "full",  # nothing saved: each layer is recomputed in the backward pass (least memory)
@@ -79,6 +81,26 @@ class ModelConfig:
     remat_group_size: int = 0  # >1: also remat groups of this many layers (only group inputs saved); 0/1 = off
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators); params are always float32
     pad_token_id: int = 0  # BERT/HF metadata; never changes the maths (padding is a segment id)
+    task: str = "lm"  # lm | sequence_classification | token_classification (task heads: jaxctx.models.heads)
+    num_labels: int = 0  # task models: classes (1 output for regression); 0 = unset (lm)
+    problem_type: str | None = None  # sequence tasks: single_label | multi_label | regression; None = HF's rule
+    id2label: tuple[str, ...] | None = None  # label names in id order (carried to/from HF config.json); None = unnamed
+    nsp_head: bool = False  # bert lm: also the pooler + next-sentence head of HF BertForPreTraining
+
+    def __post_init__(self):
+        # id2label from YAML (a list) or HF (a mapping {"0": "neg", ...}) -> a tuple in id order: the config is
+        # hashed (jit, linen), so it may hold no list or dict.
+        labels = self.id2label
+        if isinstance(labels, Mapping):
+            try:
+                by_id = {int(k): str(v) for k, v in labels.items()}
+            except (TypeError, ValueError):
+                raise ConfigError(f"model.id2label keys must be label ids 0..N-1, got {sorted(labels)}") from None
+            if sorted(by_id) != list(range(len(by_id))):
+                raise ConfigError(f"model.id2label keys must be the ids 0..{len(by_id) - 1}, got {sorted(by_id)}")
+            object.__setattr__(self, "id2label", tuple(by_id[i] for i in range(len(by_id))))
+        elif isinstance(labels, list):
+            object.__setattr__(self, "id2label", tuple(str(v) for v in labels))
 
     # --- derived values (the only place the family rules live) ---
     @property
@@ -109,6 +131,15 @@ class ModelConfig:
         if self.tie_embeddings is not None:
             return self.tie_embeddings
         return self.family in ("gpt2", "bert")
+
+    @property
+    def problem(self) -> str | None:
+        """The sequence task's loss: problem_type, else HF's rule (regression iff num_labels == 1)."""
+        if self.task != "sequence_classification":
+            return None
+        if self.problem_type is not None:
+            return self.problem_type
+        return "regression" if self.num_labels == 1 else "single_label"
 
     @property
     def causal(self) -> bool:
@@ -163,6 +194,44 @@ class ModelConfig:
             raise ConfigError("model.tie_embeddings=false is not supported for bert (HF ties the MLM decoder)")
         if self.rope_scaling is not None:
             validate_rope_scaling(self.rope_scaling, self.dim_per_head)
+        self._validate_task()
+
+    def _validate_task(self) -> None:
+        """model.task / num_labels / problem_type / id2label / nsp_head are consistent (one key named per error)."""
+        _check_choice("model.task", self.task, TASKS)
+        if self.problem_type is not None:
+            _check_choice("model.problem_type", self.problem_type, PROBLEM_TYPES)
+        if self.task == "lm":
+            for key, unset in (("num_labels", 0), ("problem_type", None), ("id2label", None)):
+                if getattr(self, key) != unset:
+                    raise ConfigError(f"model.{key}={getattr(self, key)!r} needs a task model: set model.task to "
+                                      f"sequence_classification or token_classification (model.task=lm)")
+        else:
+            if not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool) or self.num_labels < 1:
+                raise ConfigError(f"model.num_labels={self.num_labels!r} must be a positive integer for "
+                                  f"model.task={self.task} (the number of classes; 1 for regression)")
+            if self.nsp_head:
+                raise ConfigError(f"model.nsp_head=true is the BertForPreTraining head of a language model; a "
+                                  f"task model (model.task={self.task}) has its own head: set it false")
+        if self.task == "token_classification" and self.problem_type not in (None, "single_label"):
+            raise ConfigError(f"model.problem_type={self.problem_type} applies to sequence_classification; token "
+                              f"classification is single_label (cross-entropy per token)")
+        if self.problem == "regression" and self.num_labels != 1:
+            raise ConfigError(f"model.num_labels={self.num_labels} with model.problem_type=regression: regression "
+                              f"predicts one value, set model.num_labels=1")
+        if self.problem_type == "single_label" and self.task == "sequence_classification" and self.num_labels < 2:
+            raise ConfigError(f"model.num_labels={self.num_labels} with model.problem_type={self.problem_type}: "
+                              f"classification needs model.num_labels >= 2")
+        if self.id2label is not None:
+            if len(self.id2label) != self.num_labels:
+                raise ConfigError(f"model.id2label names {len(self.id2label)} labels but model.num_labels="
+                                  f"{self.num_labels}; give one name per label id")
+            if len(set(self.id2label)) != len(self.id2label):
+                raise ConfigError(f"model.id2label={list(self.id2label)} repeats a name; label names must be "
+                                  f"unique")
+        if self.nsp_head and self.family != "bert":
+            raise ConfigError(f"model.nsp_head=true is BERT's next-sentence head; model.family={self.family} "
+                              f"has none")
 
 
 @dataclass(frozen=True)
@@ -319,7 +388,15 @@ class Config:
                                   f"{t} / parallel.sequence={n}); use a chunk of at most {t // n}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain nested dicts and lists (tuples such as model.id2label become lists: YAML and JSON safe)."""
+        def plain(value):
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [plain(v) for v in value]
+            return value
+
+        return plain(dataclasses.asdict(self))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -422,6 +499,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}={value!r} must be a string")
+    if base is tuple:  # model.id2label: a list of names, or a mapping {id: name} (ModelConfig orders it)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int)) for v in value):
+            return tuple(str(v) for v in value)
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise ConfigError(f"{key}={value!r} must be a list of names (or a mapping id -> name)")
     if base in (Mapping, dict, collections.abc.Mapping):
         if isinstance(value, Mapping):
             return dict(value)
