@@ -28,6 +28,7 @@ from jaxctx.parallel import check_rows_per_process, make_mesh
 from jaxctx.platform import check_platform
 from jaxctx.train import workdir as workdir_lib
 from jaxctx.train.runner import make_runner
+from jaxctx.train.step import check_task_data
 
 DEFAULT_WORKDIR_ROOT = "workdirs"
 
@@ -94,6 +95,7 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
 
     # --- pre-flight: nothing in this section writes a file ------------------------------------------------
     plan = workdir_lib.plan_start(cfg, workdir)  # refuses a workdir of another model before any work
+    check_task_data(cfg)  # a task model needs labelled batches
     if cfg.train.init_from and not os.path.isdir(ckpt_dir):
         checkpoint_dir(cfg.train.init_from)  # a missing init_from fails now, not after the data is prepared
     # Data first: tokenization may fork worker processes, which must happen before JAX starts its backend threads.
