@@ -26,6 +26,7 @@ from jaxctx.checkpoint import (Checkpointer, check_params_match, checkpoint_dir,
 from jaxctx.errors import WriteError
 from jaxctx.parallel import check_rows_per_process, make_mesh
 from jaxctx.platform import check_platform
+from jaxctx.train import warm_start
 from jaxctx.train import workdir as workdir_lib
 from jaxctx.train.runner import make_runner
 from jaxctx.train.step import check_task_data
@@ -197,6 +198,8 @@ def _initial_state(cfg, runner, ckpt_dir: str, train_data):
             state, meta = restored
             train_data.set_state(meta["data"])
             return state, start, unrestorable
+    if cfg.train.init_from and cfg.model.task != "lm":  # a task model: backbone loaded, head fresh (logged)
+        return runner.with_params(runner.init(cfg.train.seed), warm_start.task_params(cfg, runner)), 0, []
     if cfg.train.init_from:
         # Shapes from the checkpoint's metadata first: a wrong model is refused before anything is allocated.
         init_step, metadata, _ = params_metadata(cfg.train.init_from)
