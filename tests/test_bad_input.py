@@ -86,6 +86,26 @@ def hf_config(extra: dict | None = None) -> str:
                        "n_embd": 16, "vocab_size": 64, "n_positions": 32, **(extra or {})})
 
 
+def task_checkpoint(labels: int, rows: int) -> Callable:
+    """A GPT2ForSequenceClassification directory whose config names `labels` labels but whose score has `rows`."""
+    def setup(d, **_):
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        from jaxctx.config import ModelConfig
+        from jaxctx.convert import hf_gpt2
+
+        config = json.loads(hf_config({"architectures": ["GPT2ForSequenceClassification"],
+                                       "id2label": {str(i): f"L{i}" for i in range(labels)}}))
+        m = ModelConfig(family="gpt2", num_layers=1, num_heads=2, d_model=16, vocab_size=64, max_positions=32,
+                        task="sequence_classification", num_labels=rows)
+        os.makedirs(os.path.join(d, "hf"))
+        save_file({r.hf: np.zeros(r.shape, np.float32) for r in hf_gpt2.rules(m)},
+                  os.path.join(d, "hf", "model.safetensors"))
+        write("hf/config.json", json.dumps(config))(d)
+    return setup
+
+
 @dataclasses.dataclass
 class Case:
     id: str
@@ -154,6 +174,17 @@ CASES = [
     Case("set-bad-context-parallel", T(*S("parallel.sequence=2", "model.context_parallel=ulysses")),
          "model.context_parallel"),
     Case("set-batch-not-divisible", T(*S("train.batch_size=6", "train.grad_accum=4")), "train.grad_accum"),
+    # --- train.py: task heads
+    Case("set-task-without-num-labels", T(*S("model.task=sequence_classification")), "model.num_labels=0"),
+    Case("set-regression-three-labels", T(*S("model.task=sequence_classification", "model.num_labels=3",
+                                             "model.problem_type=regression")), "model.num_labels=3"),
+    Case("set-num-labels-on-lm", T(*S("model.num_labels=3")), "model.num_labels=3"),
+    Case("set-bad-task", T(*S("model.task=summarization")), "model.task='summarization'"),
+    Case("set-id2label-wrong-length", T(*S("model.task=token_classification", "model.num_labels=3",
+                                           "model.id2label=[O, B-X]")), "model.id2label"),
+    Case("set-nsp-head-on-gpt2", T(*S("model.nsp_head=true")), "model.nsp_head"),
+    Case("task-without-labelled-data", T(*S("model.task=token_classification", "model.num_labels=5")),
+         "model.task=token_classification"),
     # --- train.py: the platform
     Case("cudnn-on-cpu", T(*S("model.attention=cudnn")), "model.attention=cudnn"),
     Case("splash-on-cpu", T(*S("model.attention=splash")), "model.attention=splash"),
@@ -209,6 +240,12 @@ CASES = [
          both(write("hf/config.json", hf_config()), write("hf/pytorch_model.bin", b"PK\x03\x04"))),
     Case("from-hf-truncated-weights", ["jaxctx", "convert", "from-hf", "{d}/hf", "{d}/out"], "model.safetensors",
          both(write("hf/config.json", hf_config()), write("hf/model.safetensors", b"\x10\0\0\0\0\0\0\0{\"a"))),
+    Case("from-hf-task-num-labels-mismatch", ["jaxctx", "convert", "from-hf", "{d}/hf", "{d}/out"],
+         "num_labels=5 but id2label names 2 labels",
+         write("hf/config.json", hf_config({"architectures": ["GPT2ForSequenceClassification"], "num_labels": 5,
+                                            "id2label": {"0": "neg", "1": "pos"}}))),
+    Case("from-hf-task-head-shape", ["jaxctx", "convert", "from-hf", "{d}/hf", "{d}/out"],
+         "score.weight is [2, 16], expected [3, 16]", task_checkpoint(labels=3, rows=2)),
     Case("to-hf-missing", ["jaxctx", "convert", "to-hf", "{d}/ckpt", "{d}/out"], "{d}/ckpt"),
     Case("to-hf-out-not-empty", ["jaxctx", "convert", "to-hf", "{d}/run", "{d}/out"], "{d}/out",
          both(copy_trained(), write("out/mine.txt", "keep me\n"))),
