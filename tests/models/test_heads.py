@@ -182,3 +182,25 @@ def test_train_step_on_packed_sequence_batch():
         losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses[0], float(loss_sum / weight_sum), rtol=1e-5)  # accum=2 keeps the mean
     assert losses[-1] < losses[0] * 0.8, losses
+
+
+@pytest.mark.parametrize("overrides", [
+    {"family": "llama", "task": "sequence_classification", "num_labels": 4, "problem_type": "multi_label"},
+    {"family": "bert", "task": "token_classification", "num_labels": 5},
+])
+def test_synthetic_task_batches_fit_the_step(overrides):
+    """`jaxctx plan` / `bench train` build task batches from the config: the abstract and the synthetic batch agree,
+    and the step's loss takes them."""
+    from jaxctx import config as config_lib
+    from jaxctx.bench.trainstep import abstract_batch, synthetic_batch
+
+    model_cfg = {k: v for k, v in vars(tiny(overrides["family"])).items() if v is not None}
+    cfg = config_lib.from_dict({"model": {**model_cfg, **overrides}, "data": {"seq_len": T},
+                                "train": {"batch_size": 2}}).resolved()
+    batch = synthetic_batch(cfg)
+    abstract = abstract_batch(cfg, None)
+    assert {k: (v.shape, np.dtype(v.dtype)) for k, v in batch.items()} == \
+        {k: (v.shape, np.dtype(v.dtype)) for k, v in abstract.items()}
+    loss_sum, weight_sum = jit(lambda p, b: loss_sums(build(cfg), p, b))(random_params(cfg.model), batch)
+    assert np.isfinite(float(loss_sum)) and float(weight_sum) == (2 if cfg.model.task != "token_classification"
+                                                                  else 2 * T)
