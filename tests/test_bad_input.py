@@ -106,6 +106,23 @@ def task_checkpoint(labels: int, rows: int) -> Callable:
     return setup
 
 
+def task_model_checkpoint(rel: str = "clf") -> Callable:
+    """A params-only checkpoint of the tiny config as a 2-label sequence classifier (zeros: shapes are enough)."""
+    def setup(d, **_):
+        import jax.numpy as jnp
+        import numpy as np
+        from flax.core import meta
+
+        from jaxctx.checkpoint import save_params
+        from jaxctx.models import build
+
+        cfg = config_lib.load(TINY, ["model.task=sequence_classification", "model.num_labels=2"])
+        shapes = jax.eval_shape(build(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+        params = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), meta.unbox(shapes))
+        save_params(os.path.join(d, rel), params, {"config": cfg.to_dict(), "step": 0})
+    return setup
+
+
 @dataclasses.dataclass
 class Case:
     id: str
@@ -281,6 +298,8 @@ CASES = [
                                            "--vocab-size", "300", "--out", "{d}/tok"], "{d}/tok",
          both(write("c.txt", "some text\n" * 50), write("tok/mine.txt", "keep\n"))),
     # --- jaxctx generate
+    Case("generate-task-model", ["jaxctx", "generate", "--checkpoint", "{d}/clf", "--prompt", "x"],
+         "model.task=sequence_classification", task_model_checkpoint()),
     Case("generate-top-p-out-of-range", G("--prompt", "x", "--top-p", "1.5"), "top_p=1.5", copy_trained()),
     Case("generate-num-beams-zero", G("--prompt", "x", "--num-beams", "0"), "num_beams=0", copy_trained()),
     Case("generate-prompt-too-long", G("--prompt", "a" * 200), "model.max_positions=128", copy_trained()),
