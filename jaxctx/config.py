@@ -25,6 +25,8 @@ ATTENTION_IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "pallas_gpu
 CONTEXT_PARALLEL = ("ring", "all_gather")  # strategies of jaxctx.ops.ring over the `sequence` mesh axis
 DTYPES = ("float32", "bfloat16", "float16")
 TASKS = ("lm", "sequence_classification", "token_classification")  # model.task: jaxctx.models.heads
+# data.task for each task model: the labelled-data format its batches need (jaxctx.data.task)
+TASK_DATA = {"sequence_classification": "classification", "token_classification": "tagging"}
 PROBLEM_TYPES = ("single_label", "multi_label", "regression")  # model.problem_type, as HF's problem_type
 REMAT_POLICIES = (
     "none",  # no rematerialisation: every activation is stored for the backward pass
@@ -253,12 +255,22 @@ class DataConfig:
     shuffle: bool = True  # new document and sequence order every epoch (streaming: buffered document shuffle)
     shuffle_buffer: int = 1024  # streaming only: documents held in the shuffle buffer
     cache_dir: str | None = None  # datasets cache for loaded and tokenized Arrow files; None = HF_DATASETS_CACHE
+    # Labelled data for task models (jaxctx.data.task; docs/finetuning.md "Labelled data").
+    task: str | None = None  # classification (text [+ text_pair] + label) | tagging (tokens + tags); None = LM text
+    label_field: str = "label"  # classification: column with the label (string, int, list for multi_label, float)
+    text_pair_field: str | None = None  # classification: second text of a pair (bert token type 1); None = single
+    tokens_field: str = "tokens"  # tagging: column with the list of words
+    tags_field: str = "tags"  # tagging: column with one tag per word (BIO strings or ids)
+    max_examples_per_row: int = 16  # E: example slots per packed row (cls_index/labels [B, E]); a row closes when full
 
     def validate(self) -> None:
+        if self.task is not None:
+            _check_choice("data.task", self.task, tuple(TASK_DATA.values()))
+            _check_positive("data.max_examples_per_row", self.max_examples_per_row)
         if self.seq_len < 2:
             raise ConfigError(f"data.seq_len={self.seq_len} must be >= 2 (next-token targets need two tokens)")
         if self.format is not None:
-            _check_choice("data.format", self.format, ("text", "json", "parquet"))
+            _check_choice("data.format", self.format, ("text", "json", "parquet", "csv"))
         _check_choice("data.text_unit", self.text_unit, ("document", "paragraph", "line"))
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(f"data.validation_fraction={self.validation_fraction} must be in [0, 1)")
@@ -360,6 +372,7 @@ class Config:
                 raise ConfigError(f"model.{key}={size} exceeds data.seq_len={self.data.seq_len}; use a block or "
                                   f"chunk no longer than the sequence (or 0/null for the default)")
         self._validate_context_parallel()
+        self._validate_task_data()
         if self.model.attention == "splash" and self.data.seq_len % 128:
             raise ConfigError(f"model.attention=splash needs data.seq_len divisible by 128, got "
                               f"{self.data.seq_len}; round it to a multiple of 128 or use blockwise")
@@ -368,6 +381,22 @@ class Config:
                 raise ConfigError(
                     f"data.seq_len={self.data.seq_len} exceeds model.max_positions={self.model.max_positions} "
                     f"(the learned position table of {self.model.family}); raise model.max_positions")
+
+    def _validate_task_data(self) -> None:
+        """data.task is the labelled format model.task trains on (classification <-> sequence_classification)."""
+        if self.data.task is None:
+            return
+        want = TASK_DATA.get(self.model.task)
+        if want is None:
+            raise ConfigError(f"data.task={self.data.task} gives labelled batches but model.task={self.model.task}; "
+                              f"set model.task=" + " or ".join(f"{t} (data.task={d})" for t, d in TASK_DATA.items()))
+        if self.data.task != want:
+            raise ConfigError(f"data.task={self.data.task} does not fit model.task={self.model.task}: set "
+                              f"data.task={want}")
+        n = self.parallel.sequence
+        if self.data.task == "classification" and self.data.max_examples_per_row % n:
+            raise ConfigError(f"data.max_examples_per_row={self.data.max_examples_per_row} must be a multiple of "
+                              f"parallel.sequence={n} (the example slots are split over the sequence axis)")
 
     def _validate_context_parallel(self) -> None:
         """parallel.sequence = N > 1: zigzag needs 2N equal chunks; attention must be the ring; chunks fit a shard."""

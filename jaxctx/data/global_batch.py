@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jaxctx.data.errors import DataError
+
 
 def make_global_batch(local_batch: Mapping[str, np.ndarray], sharding: Any) -> dict[str, Any]:
     """{name: [B_local, ...] numpy} -> {name: [B_local * process_count, ...] jax.Array} placed by `sharding`.
@@ -28,3 +30,11 @@ def make_global_batch(local_batch: Mapping[str, np.ndarray], sharding: Any) -> d
         global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])  # [B, T]
         out[name] = jax.make_array_from_process_local_data(sh, local, global_shape)
     return out
+
+
+def local_batch_size(global_batch: int, process_count: int) -> int:
+    """Rows each process feeds: the global batch split evenly over processes."""
+    if global_batch % process_count:
+        raise DataError(f"train.batch_size={global_batch} is not divisible by the {process_count} processes; "
+                        f"use a multiple of {process_count}")
+    return global_batch // process_count
