@@ -308,6 +308,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # global-norm clipping; 0 = off
     grad_accum: int = 1  # micro-batches per optimizer step
+    keep_best: str | None = None  # task models: keep the checkpoint with the best value of this validation metric
+                                  # (e.g. accuracy, macro_f1, entity_f1, val_loss) in WORKDIR/best/; None = off
 
     def validate(self) -> None:
         for name in ("batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum",
