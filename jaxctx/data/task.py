@@ -23,6 +23,7 @@ order); the state is the number of rows consumed, so `seek(step)` restores the e
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any, Mapping
@@ -79,6 +80,32 @@ def _hash_split(batch: dict, columns: list[str], split: str, validation_fraction
     return [in_split(key({c: batch[c][i] for c in columns}), split, validation_fraction) for i in range(n)]
 
 
+def read_files(data_cfg, files: list[str], description: str, columns: list[str]):
+    """A map-style dataset of labelled files (JSON/JSONL, CSV/TSV or parquet; data.format overrides the guess)."""
+    fmt = data_cfg.format or ("csv" if all(f.lower().endswith(_CSV_EXT) for f in files) else None)
+    fmt = guess_format(files, fmt)
+    if fmt == "text":
+        raise DataError(f"{description} holds text files; labelled data must be JSON/JSONL, CSV or parquet with "
+                        f"the columns {', '.join(columns)} (or set data.format)")
+    if fmt in ("json", "csv"):
+        files, _ = clean_utf8(files, os.path.join(_cache_root(data_cfg.cache_dir), "jaxctx-utf8"))
+    kwargs = {"delimiter": "\t"} if fmt == "csv" and all(f.lower().endswith(".tsv") for f in files) else {}
+    return _load(fmt, dataclasses.replace(data_cfg, streaming=False), description, data_files=files, **kwargs)
+
+
+def check_columns(data_cfg, ds, columns: list[str], description: str) -> None:
+    """MissingFieldError naming the first absent column and the config key that names it; EmptyDatasetError."""
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        key = {data_cfg.label_field: "data.label_field", data_cfg.text_field: "data.text_field",
+               data_cfg.tokens_field: "data.tokens_field", data_cfg.tags_field: "data.tags_field",
+               data_cfg.text_pair_field: "data.text_pair_field"}[missing[0]]
+        raise MissingFieldError(f"column {missing[0]!r} is not in {description}; its columns are "
+                                f"{', '.join(ds.column_names) or 'none'} (set {key})")
+    if len(ds) == 0:
+        raise EmptyDatasetError(f"{description} has no examples")
+
+
 def load_examples(data_cfg, split: str):
     """(dataset of one split with the task's columns, description). Raises DataError / MissingFieldError."""
     if split not in SPLITS:
@@ -108,25 +135,9 @@ def load_examples(data_cfg, split: str):
         if named is not None:
             files, hash_split = named, False
         description = f"{data_cfg.source} ({split})"
-        fmt = data_cfg.format or ("csv" if all(f.lower().endswith(_CSV_EXT) for f in files) else None)
-        fmt = guess_format(files, fmt)
-        if fmt == "text":
-            raise DataError(f"data.source={data_cfg.source} holds text files; labelled data must be JSON/JSONL, CSV "
-                            f"or parquet with the columns {', '.join(columns)} (or set data.format)")
-        if fmt in ("json", "csv"):
-            files, _ = clean_utf8(files, os.path.join(_cache_root(data_cfg.cache_dir), "jaxctx-utf8"))
-        kwargs = {"delimiter": "\t"} if fmt == "csv" and all(f.lower().endswith(".tsv") for f in files) else {}
-        ds = _load(fmt, data_cfg, description, data_files=files, **kwargs)
-    missing = [c for c in columns if c not in ds.column_names]
-    if missing:
-        key = {data_cfg.label_field: "data.label_field", data_cfg.text_field: "data.text_field",
-               data_cfg.tokens_field: "data.tokens_field", data_cfg.tags_field: "data.tags_field",
-               data_cfg.text_pair_field: "data.text_pair_field"}[missing[0]]
-        raise MissingFieldError(f"column {missing[0]!r} is not in {description}; its columns are "
-                                f"{', '.join(ds.column_names) or 'none'} (set {key})")
+        ds = read_files(data_cfg, files, description, columns)
+    check_columns(data_cfg, ds, columns, description)
     ds = ds.select_columns(columns)
-    if len(ds) == 0:
-        raise EmptyDatasetError(f"{description} has no examples")
     if hash_split:
         if data_cfg.validation_fraction == 0 and split == "validation":
             raise EmptyDatasetError(f"{description} has no validation file and data.validation_fraction=0; "
@@ -155,8 +166,9 @@ class TaskIterator:
     """Packed labelled batches for one process; see the module docstring. Build with `build_task_iterator`."""
 
     def __init__(self, cfg, split: str = "train", *, process_index: int = 0, process_count: int = 1,
-                 repeat: bool = True, examples=None):
-        """`examples` = (dataset, description) replaces the split (predict); everything else as the module says."""
+                 repeat: bool = True, examples=None, labels: LabelSet | None = None):
+        """`examples` = (dataset, description) with `labels` replace the split and the collected label set
+        (`jaxctx predict`); everything else as the module docstring says."""
         from datasets.distributed import split_dataset_by_node
 
         start = time.perf_counter()
@@ -172,14 +184,12 @@ class TaskIterator:
         check_vocab(self.tokenizer, cfg.model.vocab_size)
         specials = task_encode.Specials.of(self.tokenizer, cfg.model.causal)
 
-        train_ds, train_desc = load_examples(data, "train")
-        self.labels = label_set(cfg, train_ds, train_desc)
-        if examples is not None:  # `jaxctx predict`: a given file, in its order
-            ds, self.description = examples
-        elif split == "train":
-            ds, self.description = train_ds, train_desc
+        if examples is not None:  # `jaxctx predict`: given examples, in their order, and the trained label set
+            (ds, self.description), self.labels = examples, labels
         else:
-            ds, self.description = load_examples(data, split)
+            train_ds, train_desc = load_examples(data, "train")
+            self.labels = label_set(cfg, train_ds, train_desc)
+            ds, self.description = (train_ds, train_desc) if split == "train" else load_examples(data, split)
         label2id = self.labels.label2id if self.labels.kind == "names" else None
         common = dict(tokenizer=self.tokenizer, specials=specials, seq_len=self.seq_len, label2id=label2id,
                       num_labels=cfg.model.num_labels, description=self.description)

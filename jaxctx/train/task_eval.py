@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-from functools import partial
-
 import jax
 import numpy as np
 
 from jaxctx.checkpoint import Checkpointer
 from jaxctx.errors import ConfigError
+from jaxctx.evaluate.predict import task_logits
 from jaxctx.evaluate.task_metrics import CLASSIFICATION_KEYS, TAGGING_KEYS, TaskMetrics, headline
 
 BEST_DIR = "best"
@@ -53,19 +52,10 @@ def check_keep_best(cfg) -> None:
         raise ConfigError("train.keep_best needs a validation split; set data.validation_fraction > 0")
 
 
-@partial(jax.jit, static_argnums=0)
-def _logits(model, params, batch):
-    kwargs = {k: batch[k] for k in ("segment_ids", "positions", "token_type_ids") if k in batch}
-    if "cls_index" in batch:
-        return model.apply({"params": params}, batch["input_ids"], batch["cls_index"], method="example_logits",
-                           **kwargs)  # [B, E, N]
-    return model.apply({"params": params}, batch["input_ids"], **kwargs)  # [B, T, N]
-
-
 def model_logits(runner, params, local_batch: dict) -> np.ndarray:
     """Logits of a single-host batch (numpy in, numpy out) with the runner's model and params."""
     with jax.set_mesh(runner.mesh):
-        return np.asarray(jax.device_get(_logits(runner.model, params, runner.put_batch(local_batch))))
+        return np.asarray(jax.device_get(task_logits(runner.model, params, runner.put_batch(local_batch))))
 
 
 def evaluate_task(cfg, runner, state, data, *, log=print) -> dict:
