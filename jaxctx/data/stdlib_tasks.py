@@ -2,9 +2,9 @@
 
 stdlib-package (classification)
     One example per source file of 11 stdlib packages (FAMILIES); the label is the package. The text is the
-    whole file with every family name and alias masked as `<pkg>` (case-insensitive, wherever it is not part of a
-    longer alphanumeric word, so `_multiprocessing` and `email.mime` are masked too) and no path, so the label
-    must be inferred from the code. Large families are capped at MAX_FILES_PER_FAMILY files (chosen by hash) to
+    whole file with every family name and alias masked as `<pkg>` wherever it occurs, case-insensitively and
+    inside longer words too (`_asynciomodule.c`, `email.mime`, `xmlrpc`), and no path, so the label must be
+    inferred from the code. Large families are capped at MAX_FILES_PER_FAMILY files (chosen by hash) to
     keep the classes within 5x of each other. Files are long (median ~10 KB): the task rewards context.
 stdlib-tokens (tagging)
     Source files cut into chunks of at least CHUNK_LINES lines (at logical-line ends, so no token is split); the
@@ -47,7 +47,7 @@ TAGS = ("O",) + tuple(f"B-{c}" for c in TOKEN_CLASSES) + tuple(f"I-{c}" for c in
 TASKS = ("stdlib-package", "stdlib-tokens")
 
 _NAMES = sorted({n for f in FAMILIES for n in (f,) + ALIASES.get(f, ())}, key=len, reverse=True)
-MASK_PATTERN = re.compile(r"(?<![A-Za-z0-9])(" + "|".join(map(re.escape, _NAMES)) + r")(?![A-Za-z0-9])", re.I)
+MASK_PATTERN = re.compile("|".join(map(re.escape, _NAMES)), re.I)
 _BUILTINS = frozenset(n for n in dir(builtins) if not n.startswith("_"))
 
 
