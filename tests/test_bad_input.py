@@ -140,6 +140,12 @@ def G(*args):  # jaxctx generate on the trained tiny workdir
     return ["jaxctx", "generate", "--checkpoint", "{d}/run", *args]
 
 
+CLS = ["--set", "model.task=sequence_classification", "--set", "model.num_labels=2", "--set",
+       "data.task=classification"]
+TAG = ["--set", "model.task=token_classification", "--set", "model.num_labels=2", "--set", "data.task=tagging",
+       "--set", "model.id2label=[O,B-x]"]
+
+
 def S(*pairs):
     out = []
     for p in pairs:
@@ -311,6 +317,34 @@ CASES = [
          write("hf/config.json", json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))),
     Case("generate-missing-checkpoint", ["jaxctx", "generate", "--checkpoint", "{d}/nope", "--prompt", "x"],
          "{d}/nope"),
+    # --- labelled data (data.task), jaxctx data make-task, jaxctx predict
+    Case("task-unknown-label-column", T(*CLS, "--set", "data.source={d}/t.jsonl"), "'label'",
+         write("t.jsonl", '{"text": "a", "category": "x"}\n' * 4)),
+    Case("task-num-labels-mismatch", T(*CLS, "--set", "data.source={d}/t"), "model.num_labels=2",
+         both(write("t/train.jsonl", "".join(f'{{"text": "t{i}", "label": "c{i % 3}"}}\n' for i in range(6))),
+              write("t/validation.jsonl", '{"text": "v", "label": "c0"}\n'))),
+    Case("task-tag-outside-label-set", T(*TAG, "--set", "data.source={d}/t"), "example 1 of {d}/t (train), "
+         "column 'tags'", both(write("t/train.jsonl", '{"tokens": ["a"], "tags": ["B-x"]}\n'
+                                                      '{"tokens": ["b"], "tags": ["B-FOO"]}\n'),
+                               write("t/validation.jsonl", '{"tokens": ["a"], "tags": ["O"]}\n'))),
+    Case("task-token-tag-length-mismatch", T(*TAG, "--set", "data.source={d}/t"), "example 1 of {d}/t (train): "
+         "column 'tokens' has 3 words but column 'tags' has 2", both(
+             write("t/train.jsonl", '{"tokens": ["a"], "tags": ["O"]}\n{"tokens": ["a", "b", "c"], '
+                                    '"tags": ["O", "B-x"]}\n'),
+             write("t/validation.jsonl", '{"tokens": ["a"], "tags": ["O"]}\n'))),
+    Case("task-keep-best-unknown-metric", T(*CLS, "--set", "train.keep_best=f1"), "train.keep_best='f1'"),
+    Case("task-data-without-task-model", T("--set", "data.task=classification"), "model.task=lm"),
+    Case("make-task-out-not-empty", ["jaxctx", "data", "make-task", "stdlib-package", "--out", "{d}/out"],
+         "{d}/out", write("out/mine.txt", "keep\n")),
+    Case("predict-out-exists", ["jaxctx", "predict", "--checkpoint", "{d}/clf", "--data", "{d}/x.jsonl", "--out",
+                                "{d}/o.jsonl"], "{d}/o.jsonl",
+         both(task_model_checkpoint(), write("x.jsonl", '{"text": "a"}\n'), write("o.jsonl", "mine\n"))),
+    Case("predict-missing-text-column", ["jaxctx", "predict", "--checkpoint", "{d}/clf", "--data", "{d}/x.jsonl",
+                                         "--out", "{d}/o.jsonl"], "'text'",
+         both(task_model_checkpoint(), write("x.jsonl", '{"body": "a"}\n'))),
+    Case("predict-language-model", ["jaxctx", "predict", "--checkpoint", "{d}/run", "--data", "{d}/x.jsonl",
+                                    "--out", "{d}/o.jsonl"], "model.task=lm",
+         both(copy_trained(), write("x.jsonl", '{"text": "a"}\n'))),
 ]
 
 
@@ -361,7 +395,7 @@ def test_bad_input(case: Case, tmp_path, capsys, trained, cache_dir):
 
 def test_corpus_is_large_and_covers_every_command():
     commands = {c.argv[0] if c.argv[0] == "train.py" else c.argv[1] for c in CASES}
-    assert commands == {"train.py", "convert", "bench", "plan", "data", "tokenizer", "generate"}
+    assert commands == {"train.py", "convert", "bench", "plan", "data", "tokenizer", "generate", "predict"}
     assert len(CASES) >= 40
 
 
