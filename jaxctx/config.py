@@ -97,7 +97,7 @@ class ModelConfig:
             try:
                 by_id = {int(k): str(v) for k, v in labels.items()}
             except (TypeError, ValueError):
-                raise ConfigError(f"model.id2label keys must be label ids 0..N-1, got {sorted(labels)}") from None
+                raise ConfigError(f"model.id2label keys must be label ids 0..N-1, got {list(labels)}") from None
             if sorted(by_id) != list(range(len(by_id))):
                 raise ConfigError(f"model.id2label keys must be the ids 0..{len(by_id) - 1}, got {sorted(by_id)}")
             object.__setattr__(self, "id2label", tuple(by_id[i] for i in range(len(by_id))))

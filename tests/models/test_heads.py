@@ -204,3 +204,34 @@ def test_synthetic_task_batches_fit_the_step(overrides):
     loss_sum, weight_sum = jit(lambda p, b: loss_sums(build(cfg), p, b))(random_params(cfg.model), batch)
     assert np.isfinite(float(loss_sum)) and float(weight_sum) == (2 if cfg.model.task != "token_classification"
                                                                   else 2 * T)
+
+
+def test_context_parallel_task_loss_equals_one_device():
+    """parallel.sequence=2: tokens move to the zigzag layout and cls_index with them; the loss is unchanged. (A token
+    task's [B, T] fields move like a language model's targets, which tests/train/test_context_parallel.py covers.)"""
+    task = "sequence_classification"
+    from jaxctx import config as config_lib
+    from jaxctx.parallel import make_mesh
+    from jaxctx.train.runner import make_runner
+
+    def runner(sequence):
+        cfg = config_lib.from_dict({
+            "model": {"family": "llama", "num_layers": 1, "num_heads": 4, "num_kv_heads": 2, "d_model": 32,
+                      "vocab_size": 64, "task": task, "num_labels": N},
+            "data": {"seq_len": T}, "train": {"batch_size": 2}, "parallel": {"sequence": sequence}}).resolved()
+        return make_runner(cfg, make_mesh(cfg.parallel, jax.devices()[:sequence])), cfg
+
+    ids, seg, pos, _, last = packed_row((5, 4, 6), seed=2)
+    rng = np.random.default_rng(3)
+    batch = {"input_ids": np.repeat(ids, 2, 0), "segment_ids": np.repeat(seg, 2, 0), "positions": np.repeat(pos, 2, 0)}
+    # E = 2 example slots per row (a multiple of parallel.sequence)
+    batch.update(cls_index=np.repeat(last[:, 1:], 2, 0), labels=rng.integers(0, N, (2, 2)).astype(np.int32),
+                 label_mask=np.ones((2, 2), np.float32))
+    one, cfg = runner(1)
+    two, _ = runner(2)
+    state = one.init(0)
+    want = one.eval(state, one.put_batch(batch))
+    state_two = two.with_params(two.init(0), jax.device_put(jax.device_get(state.params),
+                                                              two.state_shardings.params))
+    got = two.eval(state_two, two.put_batch(batch))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)
