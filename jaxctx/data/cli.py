@@ -96,9 +96,10 @@ def inspect_command(args) -> int:
         seg = batch["segment_ids"]
         docs = seg.max(axis=1).mean()  # segments are numbered 1..n in each row
         docs_per_row.append(docs)
-        scored.append(batch["loss_mask"].mean())
+        # scored tokens (LM, tagging) or, for sequence classification, filled example slots of [B, E]
+        scored.append(batch["loss_mask" if "loss_mask" in batch else "label_mask"].mean())
         print(f"batch {i}: shape {list(seg.shape)}  docs/seq {docs:.2f}  padding {np.mean(seg == 0):.2%}  "
-              f"scored {batch['loss_mask'].mean():.2%}  {dt * 1e3:.1f} ms  {seg.size / dt / 1e6:.2f} M tokens/s")
+              f"scored {scored[-1]:.2%}  {dt * 1e3:.1f} ms  {seg.size / dt / 1e6:.2f} M tokens/s")
     stats = it.stats()
     total_s = time.perf_counter() - start
     summary = {
@@ -123,6 +124,9 @@ def inspect_command(args) -> int:
         "seq_len": cfg.data.seq_len,
         "family": cfg.model.family,
     }
+    for key in ("examples", "truncated_examples", "packing_efficiency", "examples_per_row"):  # labelled data
+        if key in stats:
+            summary[key] = stats[key]
     print(f"{summary['batches']} batches: padding {summary['padding_fraction']:.2%}, "
           f"{summary['docs_per_sequence']:.2f} docs/seq, {summary['tokens_per_sec'] / 1e6:.1f} M packed tokens/s "
           f"({summary['end_to_end_tokens_per_sec'] / 1e6:.2f} M tokens/s including setup)")

@@ -185,3 +185,27 @@ def test_resume_and_host_shards(tmp_path, task_cfg):
                       for r in range(b["input_ids"].shape[0]) for _, pos in _segments(b, r)})
     assert texts[0] and texts[1] and not texts[0] & texts[1]
     assert texts[0] | texts[1] == {row["text"] for row in rows[:5]}
+
+
+def test_packing_efficiency_and_inspect_agree_with_the_batches(tmp_path, task_cfg, capsys):
+    from jaxctx import cli
+
+    rows = [{"text": "w" * (5 + (7 * i) % 50), "label": f"c{i % 3}"} for i in range(50)]
+    _write(str(tmp_path / "e" / "train.jsonl"), rows)
+    _write(str(tmp_path / "e" / "validation.jsonl"), rows[:4])
+    cfg = task_cfg(str(tmp_path / "e"), seq_len=40, batch_size=2)
+    it = build_task_iterator(cfg, "train", repeat=False)
+    real = slots = 0
+    for batch in it:  # one pass: count real tokens in the rows themselves
+        real += int((batch["segment_ids"] > 0).sum())
+        slots += batch["segment_ids"].size
+    full_rows = it.rows_per_epoch * 40
+    assert it.stats()["packing_efficiency"] == pytest.approx(real / full_rows)
+    assert real == sum(min(len(r["text"]), 39) + 1 for r in rows)  # text (cut to 39) + EOS per example
+    assert it.stats()["truncated_examples"] == sum(len(r["text"]) > 39 for r in rows)
+    assert cli.main(["data", "inspect", "--set", f"data.source={tmp_path / 'e'}", "--set", "data.task=classification",
+                     "--set", "model.task=sequence_classification", "--set", "model.num_labels=3", "--set",
+                     "data.seq_len=40", "--set", f"data.cache_dir={cfg.data.cache_dir}", "--batches", "2",
+                     "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["packing_efficiency"] == pytest.approx(real / full_rows) and summary["examples"] == 50
