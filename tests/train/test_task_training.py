@@ -52,3 +52,35 @@ def test_task_run_logs_metrics_keeps_best_and_predict_agrees(tmp_path, capsys):
         accuracy = sum(p["label"] == p["true_label"] for p in preds) / 18
         assert accuracy == pytest.approx(want["accuracy"])
         assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in preds)
+
+
+def test_tagging_run_and_predict_entities(tmp_path):
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    data = str(tmp_path / "data")
+    vocab = {"def": "B-kw", "return": "B-kw", "x": "B-name", "y": "B-name", "#": "B-comment", "note": "I-comment"}
+    rows = []
+    for i in range(40):
+        words = [list(vocab)[(i * 3 + k) % 6] for k in range(3 + i % 5)]
+        rows.append({"tokens": words, "tags": [vocab[w] for w in words]})
+    _write(f"{data}/train.jsonl", rows[:30])
+    _write(f"{data}/validation.jsonl", rows[30:])
+    cfg = config_lib.load(os.path.join(ROOT, "configs", "tiny.yaml"), [
+        "model.task=token_classification", "model.num_labels=4", "data.task=tagging", f"data.source={data}",
+        "data.seq_len=64", "data.num_proc=1", f"data.cache_dir={tmp_path / 'cache'}", "data.max_documents=0",
+        "train.steps=4", "train.batch_size=4", "train.checkpoint_every=4", "train.learning_rate=0.01"])
+    workdir = str(tmp_path / "run")
+    assert loop.run(cfg, workdir, devices=jax.devices()[:1]) == 0
+    final = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl") if "entity_f1" in line][-1]
+    out = str(tmp_path / "preds.jsonl")
+    assert cli.main(["predict", "--checkpoint", workdir, "--data", f"{data}/validation.jsonl", "--out", out]) == 0
+    preds = [json.loads(line) for line in open(out)]
+    assert [p["tokens"] for p in preds] == [r["tokens"] for r in rows[30:]]
+    assert all(len(p["tags"]) == len(p["tokens"]) for p in preds)
+    for p in preds:
+        assert [(e["type"], e["start"], e["end"] - 1) for e in p["entities"]] == get_entities(p["tags"])
+        assert all(e["text"] == " ".join(p["tokens"][e["start"]:e["end"]]) for e in p["entities"])
+    from jaxctx.evaluate.task_metrics import tagging_metrics
+    again = tagging_metrics([r["tags"] for r in rows[30:]], [p["tags"] for p in preds])
+    assert again["entity_f1"] == pytest.approx(final["entity_f1"])
+    assert again["token_accuracy"] == pytest.approx(final["token_accuracy"])
