@@ -32,11 +32,11 @@ import numpy as np
 
 from jaxctx.data import task_encode
 from jaxctx.data.errors import DataError, EmptyDatasetError, MissingFieldError
+from jaxctx.data.global_batch import local_batch_size
 from jaxctx.data.labels import LabelSet, collect_labels
 from jaxctx.data.packing import check_seq_len
-from jaxctx.data.global_batch import local_batch_size
-from jaxctx.data.sources import (HUB_PREFIX, STDLIB, SPLITS, _load, _workers, clean_utf8, guess_format, in_split,
-                                 resolve_files, _cache_root)
+from jaxctx.data.sources import (HUB_PREFIX, SPLITS, STDLIB, _cache_root, _load, _workers, clean_utf8, guess_format,
+                                 in_split, resolve_files)
 from jaxctx.data.task_packing import ExampleStore, pack_rows
 from jaxctx.data.tokenizer import check_vocab, load_tokenizer
 

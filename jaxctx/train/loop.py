@@ -21,9 +21,9 @@ import jax
 import numpy as np
 
 from jaxctx import config as config_lib
-from jaxctx.data.labels import save_labels
 from jaxctx.checkpoint import (Checkpointer, check_params_match, checkpoint_dir, load_params, params_metadata,
                                quarantine)
+from jaxctx.data.labels import save_labels
 from jaxctx.errors import WriteError
 from jaxctx.parallel import check_rows_per_process, make_mesh
 from jaxctx.platform import check_platform
