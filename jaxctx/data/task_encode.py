@@ -182,8 +182,13 @@ def _word_pieces(tokenizer, words_batch) -> list[tuple[np.ndarray, np.ndarray]]:
     if not getattr(hf, "is_fast", False):
         raise DataError(f"tagging aligns tags with word_ids(), which needs a fast tokenizer; {tokenizer.name!r} "
                         f"is a slow one (save it with a tokenizer.json, e.g. `jaxctx tokenizer train`)")
-    enc = hf([list(w) for w in words_batch], is_split_into_words=True, add_special_tokens=False,
-             return_attention_mask=False, verbose=False)
+    try:
+        enc = hf([list(w) for w in words_batch], is_split_into_words=True, add_special_tokens=False,
+                 return_attention_mask=False, verbose=False)
+    except (ValueError, TypeError, AssertionError) as err:  # e.g. GPT-2's tokenizer without add_prefix_space
+        detail = " ".join(str(err).split())[:200]
+        raise DataError(f"tokenizer {tokenizer.name!r} cannot tokenize pre-split words ({detail}); GPT-2/RoBERTa "
+                        f"style tokenizers need add_prefix_space=True saved in their tokenizer_config.json") from None
     out = []
     for i, ids in enumerate(enc["input_ids"]):
         word_of = np.asarray([-1 if w is None else w for w in enc.word_ids(i)], np.int64)
