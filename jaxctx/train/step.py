@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxctx.config import TASK_DATA
 from jaxctx.errors import ConfigError
 from jaxctx.ops.ring import to_layout, to_layout_index
 from jaxctx.parallel import LOGICAL_RULES, sequence_size
@@ -55,8 +56,9 @@ def check_task_data(cfg) -> None:
     if cfg.model.task != "lm" and not getattr(cfg.data, "task", None):
         fields = ", ".join(task_fields(cfg.model.task))
         raise ConfigError(f"model.task={cfg.model.task} trains on labelled batches ({fields}); the configured data "
-                          f"gives language-model batches (targets, loss_mask) and has no data.task. Train it from "
-                          f"the Python API with such batches (docs/finetuning.md) or set model.task=lm")
+                          f"gives language-model batches (targets, loss_mask) and has no data.task: set "
+                          f"data.task={TASK_DATA[cfg.model.task]} with a labelled data.source (docs/finetuning.md) "
+                          f"or model.task=lm")
 
 
 def loss_sums(model: nn.Module, params, batch: dict) -> tuple[jax.Array, jax.Array]:
