@@ -37,7 +37,7 @@ from jaxctx.data.labels import LabelSet, collect_labels
 from jaxctx.data.packing import check_seq_len
 from jaxctx.data.sources import (HUB_PREFIX, SPLITS, STDLIB, _cache_root, _load, _workers, clean_utf8, guess_format,
                                  in_split, resolve_files)
-from jaxctx.data.task_packing import ExampleStore, pack_rows
+from jaxctx.data.task_packing import PACK_OPEN_ROWS, ExampleStore, pack_rows
 from jaxctx.data.tokenizer import check_vocab, load_tokenizer
 
 STATE_VERSION = 1  # of get_state(); the same keys as jaxctx.data.pipeline
@@ -217,7 +217,9 @@ class TaskIterator:
         n = self.store.num_examples
         self.order = (np.random.default_rng([self.seed, process_index]).permutation(n) if self.shuffle
                       else np.arange(n))
-        self.bounds = pack_rows(self.store.lengths, self.order, self.seq_len, self.max_examples)  # [R+1]
+        open_rows = 1 if examples is not None else PACK_OPEN_ROWS  # predict: rows strictly in input order
+        self.packed, self.bounds = pack_rows(self.store.lengths, self.order, self.seq_len, self.max_examples,
+                                             open_rows)  # [N] example ids row after row, [R+1]
         self.rows_per_epoch = len(self.bounds) - 1
         self._row_orders: dict[int, np.ndarray] = {}
         now = time.perf_counter()
@@ -251,7 +253,7 @@ class TaskIterator:
                 rows.append(np.zeros(0, np.int64))  # past the single pass: an empty (all padding) row
                 continue
             row = self._row_order(epoch)[row]
-            rows.append(self.order[self.bounds[row]:self.bounds[row + 1]])
+            rows.append(self.packed[self.bounds[row]:self.bounds[row + 1]])
         batch, self.last_examples = self.store.assemble(rows, self.seq_len, self.max_examples, self.bert)
         self._rows += self.local_batch
         self._batches += 1

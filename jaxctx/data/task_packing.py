@@ -1,7 +1,8 @@
 """Packing encoded labelled examples several to a row (the task-batch contract of docs/models.md "Task heads").
 
-Examples are placed in order, greedily: an example joins the current row if its tokens fit in the T - used
-positions left and the row has fewer than E = data.max_examples_per_row examples; otherwise a new row starts.
+Examples are placed in order, first fit over the last few open rows (PACK_OPEN_ROWS when training; one row,
+i.e. strictly in order, for `jaxctx predict`): an example joins an open row if its tokens fit in the T - used
+positions left and the row has fewer than E = data.max_examples_per_row examples; otherwise a new row opens.
 Every example is at most T tokens (task_encode truncates), so a long example fills a row alone. Each example is
 its own segment (1, 2, ... within the row; padding 0), positions restart at 0 per example, so attention never
 crosses examples and the packed logits equal the unpacked ones.
@@ -24,20 +25,39 @@ import numpy as np
 
 from jaxctx.data.packing import TokenStore
 
+PACK_OPEN_ROWS = 8  # rows an example may still join: short examples fill the gaps long ones leave
 
-def pack_rows(lengths: np.ndarray, order: np.ndarray, seq_len: int, max_examples: int) -> np.ndarray:
-    """Row boundaries [R+1] into `order`: row r holds examples order[bounds[r]:bounds[r+1]]."""
-    bounds = [0]
-    used = count = 0
-    for k, n in enumerate(lengths[order].tolist()):
-        if count and (used + n > seq_len or count == max_examples):
-            bounds.append(k)
-            used = count = 0
-        used += n
-        count += 1
-    if count:
-        bounds.append(len(order))
-    return np.asarray(bounds, np.int64)
+
+def pack_rows(lengths: np.ndarray, order: np.ndarray, seq_len: int, max_examples: int,
+              open_rows: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(examples, bounds): row r holds examples[bounds[r]:bounds[r+1]] (example indices, [N] and [R+1]).
+
+    Examples are taken in `order`; each goes into the first of the last `open_rows` rows it fits in (tokens and
+    example slots), else a new row. open_rows=1 keeps the order exactly (rows are consecutive runs); a few open
+    rows fill the gaps a long example leaves, which matters when examples are a sizeable share of a row.
+    """
+    rows: list[list[int]] = []
+    used: list[int] = []
+    live: list[int] = []  # indices of the rows still open, oldest first
+    for ex, n in zip(order.tolist(), lengths[order].tolist()):
+        for r in live:
+            if used[r] + n <= seq_len and len(rows[r]) < max_examples:
+                break
+        else:
+            r = len(rows)
+            rows.append([])
+            used.append(0)
+            live.append(r)
+            if len(live) > open_rows:
+                live.pop(0)
+        rows[r].append(ex)
+        used[r] += n
+        if used[r] == seq_len or len(rows[r]) == max_examples:
+            live.remove(r)
+    bounds = np.zeros(len(rows) + 1, np.int64)
+    bounds[1:] = np.cumsum([len(row) for row in rows])
+    examples = np.asarray([ex for row in rows for ex in row], np.int64)
+    return examples, bounds
 
 
 class ExampleStore:

@@ -209,3 +209,15 @@ def test_packing_efficiency_and_inspect_agree_with_the_batches(tmp_path, task_cf
                      "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["packing_efficiency"] == pytest.approx(real / full_rows) and summary["examples"] == 50
+
+
+def test_pack_rows_first_fit_over_open_rows():
+    from jaxctx.data.task_packing import pack_rows
+
+    lengths, order = np.array([30, 30, 5, 5, 12]), np.arange(5)
+    ex, bounds = pack_rows(lengths, order, 40, 16, open_rows=2)  # the 5s fill row 0's gap; 12 fits no open row
+    assert [ex[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])] == [[0, 2, 3], [1], [4]]
+    ex, bounds = pack_rows(lengths, order, 40, 16, open_rows=1)  # strictly in order
+    assert [ex[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])] == [[0], [1, 2, 3], [4]]
+    ex, bounds = pack_rows(np.full(5, 2), order, 40, 2, open_rows=3)  # E = 2 example slots per row
+    assert np.diff(bounds).tolist() == [2, 2, 1]
