@@ -25,9 +25,10 @@ def task_cfg(hf_cache):
     from jaxctx.config import from_dict
 
     def make(source, task="sequence_classification", family="gpt2", num_labels=3, seq_len=64, batch_size=4,
-             **data):
+             problem_type=None, **data):
         data_task = "classification" if task == "sequence_classification" else "tagging"
-        return from_dict({"model": {"family": family, "vocab_size": 512, "task": task, "num_labels": num_labels},
+        return from_dict({"model": {"family": family, "vocab_size": 512, "task": task, "num_labels": num_labels,
+                                    "problem_type": problem_type},
                           "data": {"source": source, "task": data_task, "seq_len": seq_len, "cache_dir": hf_cache,
                                    "num_proc": 1, **data},
                           "train": {"batch_size": batch_size}}).resolved()
@@ -221,3 +222,28 @@ def test_pack_rows_first_fit_over_open_rows():
     assert [ex[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])] == [[0], [1, 2, 3], [4]]
     ex, bounds = pack_rows(np.full(5, 2), order, 40, 2, open_rows=3)  # E = 2 example slots per row
     assert np.diff(bounds).tolist() == [2, 2, 1]
+
+
+def test_csv_multi_label_and_regression(tmp_path, task_cfg):
+    os.makedirs(tmp_path / "csv")
+    for split in ("train", "validation"):
+        with open(tmp_path / "csv" / f"{split}.csv", "w") as f:
+            f.write('text,label\n"hello, world",pos\nbad day,neg\n')
+    it = build_task_iterator(task_cfg(str(tmp_path / "csv"), num_labels=2, shuffle=False), "validation", repeat=False)
+    batch = next(it)
+    assert it.labels.names == ("neg", "pos") and batch["labels"][0, :2].tolist() == [1, 0]
+    assert _text(batch["input_ids"][0][batch["segment_ids"][0] == 1][:-1]) == "hello, world"
+
+    rows = [{"text": "a", "label": ["x", "z"]}, {"text": "b", "label": []}, {"text": "c", "label": ["y"]}]
+    _write(str(tmp_path / "ml" / "train.jsonl"), rows)
+    _write(str(tmp_path / "ml" / "validation.jsonl"), rows)
+    cfg = task_cfg(str(tmp_path / "ml"), problem_type="multi_label", shuffle=False)
+    batch = next(build_task_iterator(cfg, "train", repeat=False))
+    assert batch["labels"].dtype == np.float32 and batch["labels"].shape == (4, 16, 3)
+    assert batch["labels"][0, :3].tolist() == [[1, 0, 1], [0, 0, 0], [0, 1, 0]]
+
+    rows = [{"text": "a", "label": 0.5}, {"text": "b", "label": -2}]
+    _write(str(tmp_path / "rg" / "train.jsonl"), rows)
+    _write(str(tmp_path / "rg" / "validation.jsonl"), rows)
+    batch = next(build_task_iterator(task_cfg(str(tmp_path / "rg"), num_labels=1, shuffle=False), "train"))
+    assert batch["labels"].dtype == np.float32 and batch["labels"][0, :2].tolist() == [0.5, -2.0]
