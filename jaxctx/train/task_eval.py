@@ -62,7 +62,9 @@ def model_logits(runner, params, local_batch: dict) -> np.ndarray:
 def evaluate_task(cfg, runner, state, data, *, log=print) -> dict:
     """Validation loss and task metrics (see the module docstring)."""
     data.seek(0)
-    batches = min(cfg.train.eval_batches, -(-data.rows_per_epoch // data.local_batch))
+    batches = cfg.train.eval_batches  # every process runs the same number of (collective) eval steps
+    if jax.process_count() == 1:  # one host: stop after one pass when the split is shorter
+        batches = min(batches, -(-data.rows_per_epoch // data.local_batch))
     metrics_ok = jax.process_count() == 1 and cfg.parallel.sequence == 1 and cfg.parallel.mode != "pmap"
     acc = TaskMetrics(cfg.model.task, data.labels.names, cfg.model.problem)
     loss_sum = weight_sum = 0.0
