@@ -30,6 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jaxctx.config import TASK_DATA
 from jaxctx.data import task_encode
 from jaxctx.data.errors import DataError, EmptyDatasetError, MissingFieldError
 from jaxctx.data.global_batch import local_batch_size
@@ -173,6 +174,9 @@ class TaskIterator:
 
         start = time.perf_counter()
         data = cfg.data
+        if data.task is None:
+            raise DataError(f"model.task={cfg.model.task} needs labelled data: set data.task="
+                            f"{TASK_DATA.get(cfg.model.task, 'classification')} and a labelled data.source")
         check_seq_len(data.seq_len)
         self.cfg, self.split, self.repeat = cfg, split, repeat
         self.seq_len, self.max_examples = data.seq_len, data.max_examples_per_row
