@@ -175,7 +175,7 @@ CASES = [
     Case("set-heads-not-dividing", T(*S("model.num_heads=3")), "model.num_heads"),
     Case("set-seq-len-1", T(*S("data.seq_len=1")), "data.seq_len"),
     Case("set-block-too-long", T(*S("model.attention_block_q=4096")), "model.attention_block_q"),
-    Case("set-bad-format", T(*S("data.format=csv")), "data.format"),
+    Case("set-bad-format", T(*S("data.format=xml")), "data.format"),
     Case("set-bad-family", T(*S("model.family=gpt5")), "model.family"),
     Case("set-bad-rope-type", T(*S("model.family=llama", "model.rope_scaling={rope_type: ntk, factor: 2}")),
          "model.rope_scaling.rope_type='ntk'"),
