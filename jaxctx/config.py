@@ -241,7 +241,7 @@ class DataConfig:
     """Input pipeline (jaxctx.data); docs/data.md describes each stage."""
 
     source: str = "stdlib"  # "stdlib" (Python's own .py sources), a local file/glob/directory, or "hub:NAME"
-    format: str | None = None  # text | json | parquet; None = guessed from the file extension
+    format: str | None = None  # text | json | parquet | csv (labelled data); None = guessed from the file extension
     text_field: str = "text"  # column holding the document text (json/parquet)
     text_unit: str = "document"  # text files: one document per file | paragraph (blank-line separated) | line
     hub_subset: str | None = None  # hub datasets: configuration name (e.g. wikitext-103-raw-v1)
