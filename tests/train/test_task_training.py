@@ -84,3 +84,17 @@ def test_tagging_run_and_predict_entities(tmp_path):
     again = tagging_metrics([r["tags"] for r in rows[30:]], [p["tags"] for p in preds])
     assert again["entity_f1"] == pytest.approx(final["entity_f1"])
     assert again["token_accuracy"] == pytest.approx(final["token_accuracy"])
+
+
+def test_best_keeper_resumes_from_best_json(tmp_path):
+    from jaxctx.train.task_eval import BEST_FILE, BestKeeper
+
+    with open(tmp_path / BEST_FILE, "w") as f:
+        json.dump({"metric": "accuracy", "value": 0.5, "step": 3}, f)
+    keeper = BestKeeper(str(tmp_path), "accuracy")  # a resumed run only replaces a better checkpoint
+    assert keeper.best == 0.5 and not keeper.better(0.5) and not keeper.better(0.4) and keeper.better(0.6)
+    assert BestKeeper(str(tmp_path), "macro_f1").best is None  # another metric starts afresh
+    loss = BestKeeper(str(tmp_path / "none"), "val_loss")
+    loss.best = 1.0
+    assert loss.better(0.9) and not loss.better(1.1)  # lower is better for the loss
+    assert not BestKeeper(str(tmp_path), None).update(1, {"accuracy": 1.0}, None, None, {})  # off
