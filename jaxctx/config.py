@@ -24,6 +24,10 @@ FAMILIES = ("gpt2", "llama", "bert")
 ATTENTION_IMPLS = ("auto", "reference", "xla", "blockwise", "cudnn", "pallas_gpu", "splash")
 CONTEXT_PARALLEL = ("ring", "all_gather")  # strategies of jaxctx.ops.ring over the `sequence` mesh axis
 DTYPES = ("float32", "bfloat16", "float16")
+TASKS = ("lm", "sequence_classification", "token_classification")  # model.task: jaxctx.models.heads
+# data.task for each task model: the labelled-data format its batches need (jaxctx.data.task)
+TASK_DATA = {"sequence_classification": "classification", "token_classification": "tagging"}
+PROBLEM_TYPES = ("single_label", "multi_label", "regression")  # model.problem_type, as HF's problem_type
 REMAT_POLICIES = (
     "none",  # no rematerialisation: every activation is stored for the backward pass
     "full",  # nothing saved: each layer is recomputed in the backward pass (least memory)
@@ -81,6 +85,26 @@ class ModelConfig:
     pad_token_id: int = 0  # BERT/HF metadata; never changes the maths (padding is a segment id)
     dropout: float = 0.0  # embeddings + residual branches, train step only (HF hidden_dropout_prob / resid_pdrop)
     attention_dropout: float = 0.0  # attention probabilities, train step only (HF attention_probs_dropout_prob)
+    task: str = "lm"  # lm | sequence_classification | token_classification (task heads: jaxctx.models.heads)
+    num_labels: int = 0  # task models: classes (1 output for regression); 0 = unset (lm)
+    problem_type: str | None = None  # sequence tasks: single_label | multi_label | regression; None = HF's rule
+    id2label: tuple[str, ...] | None = None  # label names in id order (carried to/from HF config.json); None = unnamed
+    nsp_head: bool = False  # bert lm: also the pooler + next-sentence head of HF BertForPreTraining
+
+    def __post_init__(self):
+        # id2label from YAML (a list) or HF (a mapping {"0": "neg", ...}) -> a tuple in id order: the config is
+        # hashed (jit, linen), so it may hold no list or dict.
+        labels = self.id2label
+        if isinstance(labels, Mapping):
+            try:
+                by_id = {int(k): str(v) for k, v in labels.items()}
+            except (TypeError, ValueError):
+                raise ConfigError(f"model.id2label keys must be label ids 0..N-1, got {list(labels)}") from None
+            if sorted(by_id) != list(range(len(by_id))):
+                raise ConfigError(f"model.id2label keys must be the ids 0..{len(by_id) - 1}, got {sorted(by_id)}")
+            object.__setattr__(self, "id2label", tuple(by_id[i] for i in range(len(by_id))))
+        elif isinstance(labels, list):
+            object.__setattr__(self, "id2label", tuple(str(v) for v in labels))
 
     # --- derived values (the only place the family rules live) ---
     @property
@@ -111,6 +135,15 @@ class ModelConfig:
         if self.tie_embeddings is not None:
             return self.tie_embeddings
         return self.family in ("gpt2", "bert")
+
+    @property
+    def problem(self) -> str | None:
+        """The sequence task's loss: problem_type, else HF's rule (regression iff num_labels == 1)."""
+        if self.task != "sequence_classification":
+            return None
+        if self.problem_type is not None:
+            return self.problem_type
+        return "regression" if self.num_labels == 1 else "single_label"
 
     @property
     def causal(self) -> bool:
@@ -176,6 +209,44 @@ class ModelConfig:
             raise ConfigError("model.tie_embeddings=false is not supported for bert (HF ties the MLM decoder)")
         if self.rope_scaling is not None:
             validate_rope_scaling(self.rope_scaling, self.dim_per_head)
+        self._validate_task()
+
+    def _validate_task(self) -> None:
+        """model.task / num_labels / problem_type / id2label / nsp_head are consistent (one key named per error)."""
+        _check_choice("model.task", self.task, TASKS)
+        if self.problem_type is not None:
+            _check_choice("model.problem_type", self.problem_type, PROBLEM_TYPES)
+        if self.task == "lm":
+            for key, unset in (("num_labels", 0), ("problem_type", None), ("id2label", None)):
+                if getattr(self, key) != unset:
+                    raise ConfigError(f"model.{key}={getattr(self, key)!r} needs a task model: set model.task to "
+                                      f"sequence_classification or token_classification (model.task=lm)")
+        else:
+            if not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool) or self.num_labels < 1:
+                raise ConfigError(f"model.num_labels={self.num_labels!r} must be a positive integer for "
+                                  f"model.task={self.task} (the number of classes; 1 for regression)")
+            if self.nsp_head:
+                raise ConfigError(f"model.nsp_head=true is the BertForPreTraining head of a language model; a "
+                                  f"task model (model.task={self.task}) has its own head: set it false")
+        if self.task == "token_classification" and self.problem_type not in (None, "single_label"):
+            raise ConfigError(f"model.problem_type={self.problem_type} applies to sequence_classification; token "
+                              f"classification is single_label (cross-entropy per token)")
+        if self.problem == "regression" and self.num_labels != 1:
+            raise ConfigError(f"model.num_labels={self.num_labels} with model.problem_type=regression: regression "
+                              f"predicts one value, set model.num_labels=1")
+        if self.problem_type == "single_label" and self.task == "sequence_classification" and self.num_labels < 2:
+            raise ConfigError(f"model.num_labels={self.num_labels} with model.problem_type={self.problem_type}: "
+                              f"classification needs model.num_labels >= 2")
+        if self.id2label is not None:
+            if len(self.id2label) != self.num_labels:
+                raise ConfigError(f"model.id2label names {len(self.id2label)} labels but model.num_labels="
+                                  f"{self.num_labels}; give one name per label id")
+            if len(set(self.id2label)) != len(self.id2label):
+                raise ConfigError(f"model.id2label={list(self.id2label)} repeats a name; label names must be "
+                                  f"unique")
+        if self.nsp_head and self.family != "bert":
+            raise ConfigError(f"model.nsp_head=true is BERT's next-sentence head; model.family={self.family} "
+                              f"has none")
 
 
 @dataclass(frozen=True)
@@ -183,7 +254,7 @@ class DataConfig:
     """Input pipeline (jaxctx.data); docs/data.md describes each stage."""
 
     source: str = "stdlib"  # "stdlib" (Python's own .py sources), a local file/glob/directory, or "hub:NAME"
-    format: str | None = None  # text | json | parquet; None = guessed from the file extension
+    format: str | None = None  # text | json | parquet | csv (labelled data); None = guessed from the file extension
     text_field: str = "text"  # column holding the document text (json/parquet)
     text_unit: str = "document"  # text files: one document per file | paragraph (blank-line separated) | line
     hub_subset: str | None = None  # hub datasets: configuration name (e.g. wikitext-103-raw-v1)
@@ -197,12 +268,22 @@ class DataConfig:
     shuffle: bool = True  # new document and sequence order every epoch (streaming: buffered document shuffle)
     shuffle_buffer: int = 1024  # streaming only: documents held in the shuffle buffer
     cache_dir: str | None = None  # datasets cache for loaded and tokenized Arrow files; None = HF_DATASETS_CACHE
+    # Labelled data for task models (jaxctx.data.task; docs/finetuning.md "Labelled data").
+    task: str | None = None  # classification (text [+ text_pair] + label) | tagging (tokens + tags); None = LM text
+    label_field: str = "label"  # classification: column with the label (string, int, list for multi_label, float)
+    text_pair_field: str | None = None  # classification: second text of a pair (bert token type 1); None = single
+    tokens_field: str = "tokens"  # tagging: column with the list of words
+    tags_field: str = "tags"  # tagging: column with one tag per word (BIO strings or ids)
+    max_examples_per_row: int = 16  # E: example slots per packed row (cls_index/labels [B, E]); a row closes when full
 
     def validate(self) -> None:
+        if self.task is not None:
+            _check_choice("data.task", self.task, tuple(TASK_DATA.values()))
+            _check_positive("data.max_examples_per_row", self.max_examples_per_row)
         if self.seq_len < 2:
             raise ConfigError(f"data.seq_len={self.seq_len} must be >= 2 (next-token targets need two tokens)")
         if self.format is not None:
-            _check_choice("data.format", self.format, ("text", "json", "parquet"))
+            _check_choice("data.format", self.format, ("text", "json", "parquet", "csv"))
         _check_choice("data.text_unit", self.text_unit, ("document", "paragraph", "line"))
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(f"data.validation_fraction={self.validation_fraction} must be in [0, 1)")
@@ -240,6 +321,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # global-norm clipping; 0 = off
     grad_accum: int = 1  # micro-batches per optimizer step
+    keep_best: str | None = None  # task models: keep the checkpoint with the best value of this validation metric
+                                  # (e.g. accuracy, macro_f1, entity_f1, val_loss) in WORKDIR/best/; None = off
 
     def validate(self) -> None:
         for name in ("batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum",
@@ -304,6 +387,7 @@ class Config:
                 raise ConfigError(f"model.{key}={size} exceeds data.seq_len={self.data.seq_len}; use a block or "
                                   f"chunk no longer than the sequence (or 0/null for the default)")
         self._validate_context_parallel()
+        self._validate_task_data()
         if self.model.attention == "splash" and self.data.seq_len % 128:
             raise ConfigError(f"model.attention=splash needs data.seq_len divisible by 128, got "
                               f"{self.data.seq_len}; round it to a multiple of 128 or use blockwise")
@@ -312,6 +396,22 @@ class Config:
                 raise ConfigError(
                     f"data.seq_len={self.data.seq_len} exceeds model.max_positions={self.model.max_positions} "
                     f"(the learned position table of {self.model.family}); raise model.max_positions")
+
+    def _validate_task_data(self) -> None:
+        """data.task is the labelled format model.task trains on (classification <-> sequence_classification)."""
+        if self.data.task is None:
+            return
+        want = TASK_DATA.get(self.model.task)
+        if want is None:
+            raise ConfigError(f"data.task={self.data.task} gives labelled batches but model.task={self.model.task}; "
+                              f"set model.task=" + " or ".join(f"{t} (data.task={d})" for t, d in TASK_DATA.items()))
+        if self.data.task != want:
+            raise ConfigError(f"data.task={self.data.task} does not fit model.task={self.model.task}: set "
+                              f"data.task={want}")
+        n = self.parallel.sequence
+        if self.data.task == "classification" and self.data.max_examples_per_row % n:
+            raise ConfigError(f"data.max_examples_per_row={self.data.max_examples_per_row} must be a multiple of "
+                              f"parallel.sequence={n} (the example slots are split over the sequence axis)")
 
     def _validate_context_parallel(self) -> None:
         """parallel.sequence = N > 1: zigzag needs 2N equal chunks; attention must be the ring; chunks fit a shard."""
@@ -332,7 +432,15 @@ class Config:
                                   f"{t} / parallel.sequence={n}); use a chunk of at most {t // n}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain nested dicts and lists (tuples such as model.id2label become lists: YAML and JSON safe)."""
+        def plain(value):
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [plain(v) for v in value]
+            return value
+
+        return plain(dataclasses.asdict(self))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -435,6 +543,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}={value!r} must be a string")
+    if base is tuple:  # model.id2label: a list of names, or a mapping {id: name} (ModelConfig orders it)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int)) for v in value):
+            return tuple(str(v) for v in value)
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise ConfigError(f"{key}={value!r} must be a list of names (or a mapping id -> name)")
     if base in (Mapping, dict, collections.abc.Mapping):
         if isinstance(value, Mapping):
             return dict(value)

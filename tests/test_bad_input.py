@@ -86,6 +86,43 @@ def hf_config(extra: dict | None = None) -> str:
                        "n_embd": 16, "vocab_size": 64, "n_positions": 32, **(extra or {})})
 
 
+def task_checkpoint(labels: int, rows: int) -> Callable:
+    """A GPT2ForSequenceClassification directory whose config names `labels` labels but whose score has `rows`."""
+    def setup(d, **_):
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        from jaxctx.config import ModelConfig
+        from jaxctx.convert import hf_gpt2
+
+        config = json.loads(hf_config({"architectures": ["GPT2ForSequenceClassification"],
+                                       "id2label": {str(i): f"L{i}" for i in range(labels)}}))
+        m = ModelConfig(family="gpt2", num_layers=1, num_heads=2, d_model=16, vocab_size=64, max_positions=32,
+                        task="sequence_classification", num_labels=rows)
+        os.makedirs(os.path.join(d, "hf"))
+        save_file({r.hf: np.zeros(r.shape, np.float32) for r in hf_gpt2.rules(m)},
+                  os.path.join(d, "hf", "model.safetensors"))
+        write("hf/config.json", json.dumps(config))(d)
+    return setup
+
+
+def task_model_checkpoint(rel: str = "clf") -> Callable:
+    """A params-only checkpoint of the tiny config as a 2-label sequence classifier (zeros: shapes are enough)."""
+    def setup(d, **_):
+        import jax.numpy as jnp
+        import numpy as np
+        from flax.core import meta
+
+        from jaxctx.checkpoint import save_params
+        from jaxctx.models import build
+
+        cfg = config_lib.load(TINY, ["model.task=sequence_classification", "model.num_labels=2"])
+        shapes = jax.eval_shape(build(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+        params = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), meta.unbox(shapes))
+        save_params(os.path.join(d, rel), params, {"config": cfg.to_dict(), "step": 0})
+    return setup
+
+
 @dataclasses.dataclass
 class Case:
     id: str
@@ -101,6 +138,12 @@ def T(*args):  # a train.py command line on the tiny config, cheap data settings
 
 def G(*args):  # jaxctx generate on the trained tiny workdir
     return ["jaxctx", "generate", "--checkpoint", "{d}/run", *args]
+
+
+CLS = ["--set", "model.task=sequence_classification", "--set", "model.num_labels=2", "--set",
+       "data.task=classification"]
+TAG = ["--set", "model.task=token_classification", "--set", "model.num_labels=2", "--set", "data.task=tagging",
+       "--set", "model.id2label=[O,B-x]"]
 
 
 def S(*pairs):
@@ -132,7 +175,7 @@ CASES = [
     Case("set-heads-not-dividing", T(*S("model.num_heads=3")), "model.num_heads"),
     Case("set-seq-len-1", T(*S("data.seq_len=1")), "data.seq_len"),
     Case("set-block-too-long", T(*S("model.attention_block_q=4096")), "model.attention_block_q"),
-    Case("set-bad-format", T(*S("data.format=csv")), "data.format"),
+    Case("set-bad-format", T(*S("data.format=xml")), "data.format"),
     Case("set-bad-family", T(*S("model.family=gpt5")), "model.family"),
     Case("set-dropout-one", T(*S("model.dropout=1")), "model.dropout=1.0 must be in [0, 1)"),
     Case("set-attention-dropout-cudnn", T(*S("model.attention_dropout=0.1", "model.attention=cudnn")),
@@ -158,6 +201,17 @@ CASES = [
     Case("set-bad-context-parallel", T(*S("parallel.sequence=2", "model.context_parallel=ulysses")),
          "model.context_parallel"),
     Case("set-batch-not-divisible", T(*S("train.batch_size=6", "train.grad_accum=4")), "train.grad_accum"),
+    # --- train.py: task heads
+    Case("set-task-without-num-labels", T(*S("model.task=sequence_classification")), "model.num_labels=0"),
+    Case("set-regression-three-labels", T(*S("model.task=sequence_classification", "model.num_labels=3",
+                                             "model.problem_type=regression")), "model.num_labels=3"),
+    Case("set-num-labels-on-lm", T(*S("model.num_labels=3")), "model.num_labels=3"),
+    Case("set-bad-task", T(*S("model.task=summarization")), "model.task='summarization'"),
+    Case("set-id2label-wrong-length", T(*S("model.task=token_classification", "model.num_labels=3",
+                                           "model.id2label=[O, B-X]")), "model.id2label"),
+    Case("set-nsp-head-on-gpt2", T(*S("model.nsp_head=true")), "model.nsp_head"),
+    Case("task-without-labelled-data", T(*S("model.task=token_classification", "model.num_labels=5")),
+         "model.task=token_classification"),
     # --- train.py: the platform
     Case("cudnn-on-cpu", T(*S("model.attention=cudnn")), "model.attention=cudnn"),
     Case("splash-on-cpu", T(*S("model.attention=splash")), "model.attention=splash"),
@@ -213,6 +267,12 @@ CASES = [
          both(write("hf/config.json", hf_config()), write("hf/pytorch_model.bin", b"PK\x03\x04"))),
     Case("from-hf-truncated-weights", ["jaxctx", "convert", "from-hf", "{d}/hf", "{d}/out"], "model.safetensors",
          both(write("hf/config.json", hf_config()), write("hf/model.safetensors", b"\x10\0\0\0\0\0\0\0{\"a"))),
+    Case("from-hf-task-num-labels-mismatch", ["jaxctx", "convert", "from-hf", "{d}/hf", "{d}/out"],
+         "num_labels=5 but id2label names 2 labels",
+         write("hf/config.json", hf_config({"architectures": ["GPT2ForSequenceClassification"], "num_labels": 5,
+                                            "id2label": {"0": "neg", "1": "pos"}}))),
+    Case("from-hf-task-head-shape", ["jaxctx", "convert", "from-hf", "{d}/hf", "{d}/out"],
+         "score.weight is [2, 16], expected [3, 16]", task_checkpoint(labels=3, rows=2)),
     Case("to-hf-missing", ["jaxctx", "convert", "to-hf", "{d}/ckpt", "{d}/out"], "{d}/ckpt"),
     Case("to-hf-out-not-empty", ["jaxctx", "convert", "to-hf", "{d}/run", "{d}/out"], "{d}/out",
          both(copy_trained(), write("out/mine.txt", "keep me\n"))),
@@ -248,6 +308,8 @@ CASES = [
                                            "--vocab-size", "300", "--out", "{d}/tok"], "{d}/tok",
          both(write("c.txt", "some text\n" * 50), write("tok/mine.txt", "keep\n"))),
     # --- jaxctx generate
+    Case("generate-task-model", ["jaxctx", "generate", "--checkpoint", "{d}/clf", "--prompt", "x"],
+         "model.task=sequence_classification", task_model_checkpoint()),
     Case("generate-top-p-out-of-range", G("--prompt", "x", "--top-p", "1.5"), "top_p=1.5", copy_trained()),
     Case("generate-num-beams-zero", G("--prompt", "x", "--num-beams", "0"), "num_beams=0", copy_trained()),
     Case("generate-prompt-too-long", G("--prompt", "a" * 200), "model.max_positions=128", copy_trained()),
@@ -259,6 +321,34 @@ CASES = [
          write("hf/config.json", json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))),
     Case("generate-missing-checkpoint", ["jaxctx", "generate", "--checkpoint", "{d}/nope", "--prompt", "x"],
          "{d}/nope"),
+    # --- labelled data (data.task), jaxctx data make-task, jaxctx predict
+    Case("task-unknown-label-column", T(*CLS, "--set", "data.source={d}/t.jsonl"), "'label'",
+         write("t.jsonl", '{"text": "a", "category": "x"}\n' * 4)),
+    Case("task-num-labels-mismatch", T(*CLS, "--set", "data.source={d}/t"), "model.num_labels=2",
+         both(write("t/train.jsonl", "".join(f'{{"text": "t{i}", "label": "c{i % 3}"}}\n' for i in range(6))),
+              write("t/validation.jsonl", '{"text": "v", "label": "c0"}\n'))),
+    Case("task-tag-outside-label-set", T(*TAG, "--set", "data.source={d}/t"), "example 1 of {d}/t (train), "
+         "column 'tags'", both(write("t/train.jsonl", '{"tokens": ["a"], "tags": ["B-x"]}\n'
+                                                      '{"tokens": ["b"], "tags": ["B-FOO"]}\n'),
+                               write("t/validation.jsonl", '{"tokens": ["a"], "tags": ["O"]}\n'))),
+    Case("task-token-tag-length-mismatch", T(*TAG, "--set", "data.source={d}/t"), "example 1 of {d}/t (train): "
+         "column 'tokens' has 3 words but column 'tags' has 2", both(
+             write("t/train.jsonl", '{"tokens": ["a"], "tags": ["O"]}\n{"tokens": ["a", "b", "c"], '
+                                    '"tags": ["O", "B-x"]}\n'),
+             write("t/validation.jsonl", '{"tokens": ["a"], "tags": ["O"]}\n'))),
+    Case("task-keep-best-unknown-metric", T(*CLS, "--set", "train.keep_best=f1"), "train.keep_best='f1'"),
+    Case("task-data-without-task-model", T("--set", "data.task=classification"), "model.task=lm"),
+    Case("make-task-out-not-empty", ["jaxctx", "data", "make-task", "stdlib-package", "--out", "{d}/out"],
+         "{d}/out", write("out/mine.txt", "keep\n")),
+    Case("predict-out-exists", ["jaxctx", "predict", "--checkpoint", "{d}/clf", "--data", "{d}/x.jsonl", "--out",
+                                "{d}/o.jsonl"], "{d}/o.jsonl",
+         both(task_model_checkpoint(), write("x.jsonl", '{"text": "a"}\n'), write("o.jsonl", "mine\n"))),
+    Case("predict-missing-text-column", ["jaxctx", "predict", "--checkpoint", "{d}/clf", "--data", "{d}/x.jsonl",
+                                         "--out", "{d}/o.jsonl"], "'text'",
+         both(task_model_checkpoint(), write("x.jsonl", '{"body": "a"}\n'))),
+    Case("predict-language-model", ["jaxctx", "predict", "--checkpoint", "{d}/run", "--data", "{d}/x.jsonl",
+                                    "--out", "{d}/o.jsonl"], "model.task=lm",
+         both(copy_trained(), write("x.jsonl", '{"text": "a"}\n'))),
 ]
 
 
@@ -309,7 +399,7 @@ def test_bad_input(case: Case, tmp_path, capsys, trained, cache_dir):
 
 def test_corpus_is_large_and_covers_every_command():
     commands = {c.argv[0] if c.argv[0] == "train.py" else c.argv[1] for c in CASES}
-    assert commands == {"train.py", "convert", "bench", "plan", "data", "tokenizer", "generate"}
+    assert commands == {"train.py", "convert", "bench", "plan", "data", "tokenizer", "generate", "predict"}
     assert len(CASES) >= 40
 
 

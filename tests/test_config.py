@@ -1,6 +1,9 @@
 """Config loading: YAML + overrides, types, unknown keys with suggestions, clear errors."""
 
+import re
+
 import pytest
+import yaml
 
 from jaxctx import config as config_lib
 from jaxctx.config import ConfigError
@@ -56,3 +59,33 @@ def test_bad_files(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping of sections"):
         config_lib.load(listy)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.task=sequence_classification"], "model.num_labels=0 must be a positive integer"),
+    (["model.task=sequence_classification", "model.num_labels=3", "model.problem_type=regression"],
+     "model.num_labels=3 with model.problem_type=regression"),
+    (["model.task=sequence_classification", "model.num_labels=1", "model.problem_type=single_label"],
+     "classification needs model.num_labels >= 2"),
+    (["model.task=token_classification", "model.num_labels=3", "model.problem_type=multi_label"],
+     "model.problem_type=multi_label applies to sequence_classification"),
+    (["model.num_labels=3"], "model.num_labels=3 needs a task model"),
+    (["model.task=sequence_classification", "model.num_labels=2", "model.id2label={a: neg, 1: pos}"],
+     "model.id2label keys must be label ids"),
+    (["model.task=sequence_classification", "model.num_labels=2", "model.id2label=[neg, neg]"], "repeats a name"),
+    (["model.task=sequence_classification", "model.num_labels=2", "model.nsp_head=true", "model.family=bert"],
+     "model.nsp_head=true"),
+])
+def test_task_config_errors_name_the_key(overrides, message):
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+        config_lib.load(None, overrides)
+
+
+def test_task_config_defaults_and_label_names():
+    cfg = config_lib.load(None, ["model.task=sequence_classification", "model.num_labels=1"])
+    assert cfg.model.problem == "regression"  # HF's rule for num_labels == 1
+    cfg = config_lib.load(None, ["model.task=sequence_classification", "model.num_labels=2",
+                                 "model.id2label={1: pos, 0: neg}"])
+    assert cfg.model.problem == "single_label" and cfg.model.id2label == ("neg", "pos")
+    again = config_lib.from_dict(yaml.safe_load(config_lib.to_yaml(cfg))).resolved()
+    assert again == cfg and hash(again.model) == hash(cfg.model)

@@ -24,6 +24,8 @@ EXPECTED = {
     "bert-base-4k": ("bert", 110, 115),
     "bench-gpt2-6x512": ("gpt2", 45, 48),  # 6 x 512 blocks (18.9M) + 50304 x 512 tokens + 4096 x 512 positions
     "bench-mfu-4x256": ("gpt2", 7, 8),  # 4 x 256 blocks (3.2M) + 16384 x 256 positions (4.2M)
+    "finetune-stdlib-package": ("gpt2", 0.3, 1.0),  # the default model's backbone + an 11-class head
+    "finetune-stdlib-tokens": ("gpt2", 0.3, 1.0),
 }
 
 

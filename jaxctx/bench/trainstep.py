@@ -82,22 +82,46 @@ def pick_devices(count: int | None) -> list:
 
 
 def batch_keys(cfg: Config) -> tuple[str, ...]:
-    keys = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+    from jaxctx.train.step import TASK_FIELDS  # the train step's imports stay out of `jaxctx --help`
+
+    keys = ("input_ids", *TASK_FIELDS[cfg.model.task], "segment_ids", "positions")
     return keys + (("token_type_ids",) if cfg.model.family == "bert" else ())
 
 
+def _examples(cfg: Config) -> int:
+    """Example slots per row of a synthetic sequence-task batch: parallel.sequence (the batch sharding splits a
+    [B, E] array's second axis over the `sequence` mesh axis, so E must divide evenly), at least 1."""
+    return max(1, cfg.parallel.sequence)
+
+
+def _batch_shapes(cfg: Config) -> dict[str, tuple[tuple[int, ...], type]]:
+    """{key: (global shape, dtype)} of one batch of cfg's task (jaxctx.train.step.TASK_FIELDS)."""
+    b, t = cfg.train.batch_size, cfg.data.seq_len
+    shapes = {k: ((b, t), jnp.int32) for k in batch_keys(cfg)}
+    if "loss_mask" in shapes:
+        shapes["loss_mask"] = ((b, t), jnp.float32)
+    if cfg.model.task == "sequence_classification":
+        e, problem = _examples(cfg), cfg.model.problem
+        shapes.update(cls_index=((b, e), jnp.int32), label_mask=((b, e), jnp.float32),
+                      labels=((b, e), jnp.int32) if problem == "single_label" else
+                      ((b, e, cfg.model.num_labels), jnp.float32) if problem == "multi_label" else
+                      ((b, e), jnp.float32))
+    return shapes
+
+
 def abstract_batch(cfg: Config, sharding) -> dict[str, jax.ShapeDtypeStruct]:
-    """ShapeDtypeStructs of one global batch [B, T] with the batch sharding (int32, loss_mask float32)."""
-    shape = (cfg.train.batch_size, cfg.data.seq_len)
-    return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=sharding)
-            for k in batch_keys(cfg)}
+    """ShapeDtypeStructs of one global batch with the batch sharding (ids int32, masks float32; task fields as
+    jaxctx.train.step.TASK_FIELDS)."""
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+            for k, (shape, dtype) in _batch_shapes(cfg).items()}
 
 
 def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
     """One host batch of random tokens in the packed format; one segment (id 1) per row, all tokens scored.
 
     Causal LMs: input_ids/targets are a random stream shifted by one. BERT: 15% of positions are scored MLM
-    targets (the cost is the same whichever are chosen; the loss is computed at every position).
+    targets (the cost is the same whichever are chosen; the loss is computed at every position). Task models:
+    random labels; a sequence task's example slots all read the row's first (bert) or last token.
     """
     b, t, v = cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size
     rng = np.random.default_rng(seed)
@@ -107,9 +131,22 @@ def synthetic_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
         "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
     }
     if cfg.model.family == "bert":
+        batch["token_type_ids"] = np.zeros((b, t), np.int32)
+    if cfg.model.task != "lm":
+        batch["input_ids"] = tokens[:, :t].copy()
+        n, shapes = cfg.model.num_labels, _batch_shapes(cfg)
+        if cfg.model.task == "token_classification":
+            batch.update(labels=rng.integers(0, n, (b, t), dtype=np.int32), loss_mask=np.ones((b, t), np.float32))
+        else:
+            index = 0 if cfg.model.family == "bert" else t - 1
+            labels = rng.integers(0, n, shapes["labels"][0]) if cfg.model.problem != "regression" else \
+                rng.normal(size=shapes["labels"][0])
+            batch.update(cls_index=np.full(shapes["cls_index"][0], index, np.int32),
+                         label_mask=np.ones(shapes["label_mask"][0], np.float32),
+                         labels=labels.astype(shapes["labels"][1]))
+    elif cfg.model.family == "bert":
         batch.update(input_ids=tokens[:, :t].copy(), targets=tokens[:, :t].copy(),
-                     loss_mask=(rng.random((b, t)) < cfg.data.mlm_probability).astype(np.float32),
-                     token_type_ids=np.zeros((b, t), np.int32))
+                     loss_mask=(rng.random((b, t)) < cfg.data.mlm_probability).astype(np.float32))
     else:
         batch.update(input_ids=tokens[:, :t].copy(), targets=tokens[:, 1:].copy(),
                      loss_mask=np.ones((b, t), np.float32))

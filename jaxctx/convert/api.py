@@ -68,12 +68,15 @@ def from_hf(hf_dir: str, *, max_positions: int | None = None, extend_positions: 
     hf = io.read_hf_config(hf_dir)
     where = os.path.join(hf_dir, io.CONFIG_FILE)
     family = _family(hf, where)
-    model = ModelConfig(**family.config_from_hf(hf, where), scan_layers=scan_layers)
+    fields = family.config_from_hf(hf, where)
+    source = io.open_tensors(hf_dir)
+    if hasattr(family, "with_tensors"):  # bert: a next-sentence head in the file is kept (model.nsp_head)
+        fields = family.with_tensors(fields, {family.canonical(name) for name in source.names()})
     try:
+        model = ModelConfig(**fields, scan_layers=scan_layers)
         model.validate()
     except config_lib.ConfigError as err:
         raise UnsupportedModelError(f"{where}: {err}") from None
-    source = io.open_tensors(hf_dir)
     flat = _tensors_to_params(family, model, source)
     model, flat = _extend_positions(model, flat, max_positions, extend_positions)
     params = mapping.unflatten(flat)
@@ -94,9 +97,11 @@ def _tensors_to_params(family, model: ModelConfig, source: io.TensorSource) -> d
         names[key] = name
     for key in [key for key in names if family.IGNORED.fullmatch(key)]:
         del names[key]  # buffers (masks, position ids, rotary frequencies): not weights
-    heads = sorted(key for key in names if family.DROPPED.fullmatch(key))
+    rules = family.rules(model)
+    used = {rule.hf for rule in rules}
+    heads = sorted(key for key in names if family.DROPPED.fullmatch(key) and key not in used)
     if heads:
-        warnings.warn(f"{source.description}: dropped tensors that {family.EXPORT_ARCHITECTURE} does not have: "
+        warnings.warn(f"{source.description}: dropped tensors that {_architecture(family, model)} does not have: "
                       f"{', '.join(heads)}", stacklevel=3)
         for key in heads:
             del names[key]
@@ -106,7 +111,6 @@ def _tensors_to_params(family, model: ModelConfig, source: io.TensorSource) -> d
                 raise TensorMismatchError(f"{source.description}: {copy} differs from {original}, but the config "
                                           f"ties them (tie_word_embeddings); converting would drop one of them")
             del names[copy]
-    rules = family.rules(model)
     found = {key: (source.infos[name].shape, source.infos[name].dtype) for key, name in names.items()}
     mapping.check_tensors(rules, found, source.description, io.FLOAT_HEADER_DTYPES)
     our_shapes = mapping.model_shapes(model)
@@ -115,6 +119,13 @@ def _tensors_to_params(family, model: ModelConfig, source: io.TensorSource) -> d
         flat.update(mapping.to_ours(rule, source.load_float32(names[rule.hf]), our_shapes))
     mapping.check_params(our_shapes, flat, "converted params")  # the family's rules cover the whole model
     return flat
+
+
+def _architecture(family, model: ModelConfig) -> str:
+    """The transformers class a jaxctx model config converts to."""
+    if hasattr(family, "architecture"):
+        return family.architecture(model)
+    return family.EXPORT_ARCHITECTURES[model.task]
 
 
 def _extend_positions(model: ModelConfig, flat: dict, max_positions: int | None, method: str | None):

@@ -72,6 +72,13 @@ def _quiet_orbax() -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)
 
 
+def _task(m) -> str:
+    """' sequence_classification (3 labels)' for a task model, '' for a language model."""
+    if m.task == "lm":
+        return " + next-sentence head" if m.nsp_head else ""
+    return f" {m.task} ({m.num_labels} label{'s' if m.num_labels != 1 else ''})"
+
+
 def from_hf_command(args) -> int:
     from jaxctx.convert.api import import_checkpoint
 
@@ -79,7 +86,7 @@ def from_hf_command(args) -> int:
     report = import_checkpoint(args.hf_dir, args.out_dir, force=args.force, max_positions=args.max_positions,
                                extend_positions=args.extend_positions)
     m = report["config"].model
-    print(f"from-hf: {m.family} {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, vocab "
+    print(f"from-hf: {m.family}{_task(m)} {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, vocab "
           f"{m.vocab_size}, max_positions {m.max_positions}, {report['params'] / 1e6:.2f}M params -> "
           f"{report['out_dir']} (jaxctx checkpoint, step 0)")
     side = report["side_files"]
@@ -96,7 +103,7 @@ def to_hf_command(args) -> int:
     report = export_checkpoint(args.src, args.out_dir, force=args.force, dtype=args.dtype,
                                shard_size=args.shard_size, step=args.step, tokenizer=args.tokenizer)
     m = report["config"].model
-    print(f"to-hf: {m.family} step {report['step']} ({report['params'] / 1e6:.2f}M params, {args.dtype}, "
+    print(f"to-hf: {m.family}{_task(m)} step {report['step']} ({report['params'] / 1e6:.2f}M params, {args.dtype}, "
           f"max_positions {m.max_positions}) -> {report['out_dir']}: {', '.join(report['files'])}")
     tokenizer = report["tokenizer_dir"]
     if tokenizer is None:

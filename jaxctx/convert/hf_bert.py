@@ -10,10 +10,16 @@ Weight layout, the one place it is handled (`rules`): every BERT projection is a
   attn_norm, output.LayerNorm -> mlp_norm, cls.predictions.transform.LayerNorm -> mlm_head/norm.
 - The MLM decoder is tied to the word embeddings; its bias is `cls.predictions.bias` -> mlm_head/output_bias.
 
+- BertForPreTraining (or any MLM checkpoint with `cls.seq_relationship`): model.nsp_head; `bert.pooler.dense` ->
+  pooler/{kernel,bias}, `cls.seq_relationship.{weight [2, D], bias}` -> nsp_head/{kernel [D, 2], bias}; exported
+  back as BertForPreTraining.
+- BertForSequenceClassification: the pooler and `classifier.{weight [N, D], bias}` -> classifier/{kernel, bias};
+  BertForTokenClassification: the classifier only (no pooler). No MLM head in either.
+
 On import, the TF-era names `LayerNorm.gamma` / `LayerNorm.beta` are read as weight / bias; the buffers
-`position_ids` / `token_type_ids`, and the pooler and next-sentence head of a `BertForPreTraining` checkpoint
-(not part of BertForMaskedLM) are dropped; `cls.predictions.decoder.{weight,bias}`, if present, must equal the
-word embeddings / `cls.predictions.bias` they are tied to.
+`position_ids` / `token_type_ids` are dropped, and so (with a warning) is a pooler the model has no use for;
+`cls.predictions.decoder.{weight,bias}`, if present, must equal the word embeddings / `cls.predictions.bias` they
+are tied to.
 """
 
 from __future__ import annotations
@@ -21,16 +27,36 @@ from __future__ import annotations
 import re
 
 from jaxctx.config import ModelConfig
-from jaxctx.convert.mapping import HFConfig, Rule
+from jaxctx.convert.mapping import HFConfig, Rule, task_from_hf, task_to_hf
 
 MODEL_TYPE = "bert"
-ARCHITECTURES = ("BertForMaskedLM", "BertForPreTraining")
+TASK_ARCHITECTURES = {"BertForMaskedLM": "lm", "BertForPreTraining": "lm",
+                      "BertForSequenceClassification": "sequence_classification",
+                      "BertForTokenClassification": "token_classification"}  # architecture -> model.task
+ARCHITECTURES = tuple(TASK_ARCHITECTURES)
 EXPORT_ARCHITECTURE = "BertForMaskedLM"
+EXPORT_ARCHITECTURES = {"lm": EXPORT_ARCHITECTURE, "sequence_classification": "BertForSequenceClassification",
+                        "token_classification": "BertForTokenClassification"}
 AUTO_CLASS = "AutoModelForMaskedLM"
 CARRY_KEYS = ("bos_token_id", "eos_token_id", "sep_token_id", "hidden_dropout_prob",
               "attention_probs_dropout_prob", "classifier_dropout")
 IGNORED = re.compile(r"bert\.embeddings\.(position_ids|token_type_ids)")  # buffers
-DROPPED = re.compile(r"bert\.pooler\..*|cls\.seq_relationship\..*")  # BertForPreTraining heads (warned)
+# Heads a checkpoint may carry that the configured model does not have (warned, then dropped): a pooler without a
+# next-sentence head, or a token-classification checkpoint saved with one.
+DROPPED = re.compile(r"bert\.pooler\..*|cls\.seq_relationship\..*")
+NSP_TENSOR = "cls.seq_relationship.weight"
+
+
+def architecture(m: ModelConfig) -> str:
+    return "BertForPreTraining" if m.nsp_head else EXPORT_ARCHITECTURES[m.task]
+
+
+def with_tensors(fields: dict, names: set[str]) -> dict:
+    """A language model whose checkpoint has the next-sentence head (BertForPreTraining, or the original
+    bert-base checkpoints labelled BertForMaskedLM) keeps it: model.nsp_head, with the pooler."""
+    if fields.get("task", "lm") == "lm" and NSP_TENSOR in names and "bert.pooler.dense.weight" in names:
+        return {**fields, "nsp_head": True}
+    return fields
 
 
 def canonical(name: str) -> str:
@@ -56,7 +82,8 @@ def config_from_hf(hf: dict, where: str) -> dict:
         max_positions=c.require("max_position_embeddings"), type_vocab_size=c.require("type_vocab_size"),
         norm_eps=float(c.get("layer_norm_eps", 1e-12)), initializer_range=float(c.get("initializer_range", 0.02)),
         pad_token_id=int(c.get("pad_token_id", 0)), dropout=c.rate("hidden_dropout_prob", 0.1),
-        attention_dropout=c.rate("attention_probs_dropout_prob", 0.1))  # HF BertConfig defaults
+        attention_dropout=c.rate("attention_probs_dropout_prob", 0.1),  # HF BertConfig defaults
+        **task_from_hf(c, TASK_ARCHITECTURES))
     if d % heads:
         c.unsupported(f"hidden_size={d} is not divisible by num_attention_heads={heads}")
     c.expect("hidden_act", ("gelu", "gelu_python"), "gelu")  # exact (erf) GELU
@@ -71,7 +98,7 @@ def config_from_hf(hf: dict, where: str) -> dict:
 def config_to_hf(m: ModelConfig) -> dict:
     """ModelConfig -> config.json keys (max_positions becomes max_position_embeddings)."""
     return {
-        "model_type": MODEL_TYPE, "architectures": [EXPORT_ARCHITECTURE],
+        **task_to_hf(m), "model_type": MODEL_TYPE, "architectures": [architecture(m)],
         "vocab_size": m.vocab_size, "hidden_size": m.d_model, "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_heads, "intermediate_size": m.ff_dim, "hidden_act": "gelu",
         "max_position_embeddings": m.positions, "type_vocab_size": m.type_vocab_size,
@@ -113,10 +140,21 @@ def rules(m: ModelConfig) -> list[Rule]:
             Rule(h + "output.LayerNorm.weight", (d,), (o + "mlp_norm/scale",)),
             Rule(h + "output.LayerNorm.bias", (d,), (o + "mlp_norm/bias",)),
         ]
+    pooler = [Rule("bert.pooler.dense.weight", (d, d), ("pooler/kernel",), "transpose"),
+              Rule("bert.pooler.dense.bias", (d,), ("pooler/bias",))]
+    if m.task != "lm":  # BertFor{Sequence,Token}Classification: classifier [N, D] + bias; the pooler for sequences
+        n = m.num_labels
+        if m.task == "sequence_classification":
+            out += pooler
+        return out + [Rule("classifier.weight", (n, d), ("classifier/kernel",), "transpose"),
+                      Rule("classifier.bias", (n,), ("classifier/bias",))]
     c = "cls.predictions."
     out += [Rule(c + "transform.dense.weight", (d, d), ("mlm_head/dense_kernel",), "transpose"),
             Rule(c + "transform.dense.bias", (d,), ("mlm_head/dense_bias",)),
             Rule(c + "transform.LayerNorm.weight", (d,), ("mlm_head/norm/scale",)),
             Rule(c + "transform.LayerNorm.bias", (d,), ("mlm_head/norm/bias",)),
             Rule(c + "bias", (v,), ("mlm_head/output_bias",))]
+    if m.nsp_head:  # BertForPreTraining: pooler + next-sentence classifier
+        out += pooler + [Rule("cls.seq_relationship.weight", (2, d), ("nsp_head/kernel",), "transpose"),
+                         Rule("cls.seq_relationship.bias", (2,), ("nsp_head/bias",))]
     return out

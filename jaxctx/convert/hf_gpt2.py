@@ -13,6 +13,10 @@ transpose of nn.Linear -- and already our (input..., output...) kernel order, so
 Names are written with the `transformer.` prefix (what save_pretrained writes); on import the prefix is optional
 (the original `gpt2` hub checkpoints and GPT2Model have none). The causal-mask buffers `attn.bias` /
 `attn.masked_bias` of old checkpoints are dropped; an `lm_head.weight` in a tied checkpoint must equal `wte`.
+
+Task models (model.task): GPT2ForSequenceClassification's `score.weight` [N, D] (no bias) and
+GPT2ForTokenClassification's `classifier.{weight [N, D], bias [N]}` are classifier/kernel [D, N] (transposed) and
+classifier/bias; they replace the LM head. id2label / label2id / problem_type are mapping.task_from_hf/task_to_hf.
 """
 
 from __future__ import annotations
@@ -20,11 +24,17 @@ from __future__ import annotations
 import re
 
 from jaxctx.config import ModelConfig
-from jaxctx.convert.mapping import HFConfig, Rule
+from jaxctx.convert.mapping import HFConfig, Rule, task_from_hf, task_to_hf
 
 MODEL_TYPE = "gpt2"
-ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")  # accepted on import
+# architecture -> model.task (accepted on import)
+TASK_ARCHITECTURES = {"GPT2LMHeadModel": "lm", "GPT2Model": "lm",
+                      "GPT2ForSequenceClassification": "sequence_classification",
+                      "GPT2ForTokenClassification": "token_classification"}
+ARCHITECTURES = tuple(TASK_ARCHITECTURES)
 EXPORT_ARCHITECTURE = "GPT2LMHeadModel"
+EXPORT_ARCHITECTURES = {"lm": EXPORT_ARCHITECTURE, "sequence_classification": "GPT2ForSequenceClassification",
+                        "token_classification": "GPT2ForTokenClassification"}
 AUTO_CLASS = "AutoModelForCausalLM"
 # Non-architectural config keys carried from the source config.json on export (token ids, dropout rates).
 CARRY_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "resid_pdrop", "embd_pdrop", "attn_pdrop",
@@ -36,7 +46,7 @@ DROPPED = re.compile(r"$^")  # no other heads: any other tensor is an error
 
 def canonical(name: str) -> str:
     """Tensor names with or without the `transformer.` prefix -> with it (the head stays `lm_head.weight`)."""
-    if name.startswith("transformer.") or name.startswith("lm_head."):
+    if name.startswith(("transformer.", "lm_head.", "score.", "classifier.")):  # heads sit beside the trunk
         return name
     return "transformer." + name
 
@@ -55,9 +65,10 @@ def config_from_hf(hf: dict, where: str) -> dict:
         vocab_size=c.require("vocab_size"), max_positions=c.require("n_positions"),
         d_ff=c.get("n_inner"), norm_eps=float(c.get("layer_norm_epsilon", 1e-5)),
         initializer_range=float(c.get("initializer_range", 0.02)),
-        tie_embeddings=bool(c.get("tie_word_embeddings", True)),
+        tie_embeddings=bool(c.get("tie_word_embeddings", True)), pad_token_id=int(c.get("pad_token_id", 0)),
         # jaxctx has one rate for embeddings and residuals: resid_pdrop (HF GPT2Config defaults all three to 0.1)
-        dropout=c.rate("resid_pdrop", 0.1), attention_dropout=c.rate("attn_pdrop", 0.1))
+        dropout=c.rate("resid_pdrop", 0.1), attention_dropout=c.rate("attn_pdrop", 0.1),
+        **task_from_hf(c, TASK_ARCHITECTURES))
     if d % heads:
         c.unsupported(f"n_embd={d} is not divisible by n_head={heads}")
     c.expect("activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")  # both are tanh GELU
@@ -70,8 +81,11 @@ def config_from_hf(hf: dict, where: str) -> dict:
 
 def config_to_hf(m: ModelConfig) -> dict:
     """ModelConfig -> the architecture keys of config.json (max_positions becomes n_positions)."""
+    task = task_to_hf(m)
+    if m.task == "sequence_classification":  # HF finds each row's last non-padding token by pad_token_id
+        task["pad_token_id"] = m.pad_token_id
     return {
-        "model_type": MODEL_TYPE, "architectures": [EXPORT_ARCHITECTURE],
+        **task, "model_type": MODEL_TYPE, "architectures": [EXPORT_ARCHITECTURES[m.task]],
         "vocab_size": m.vocab_size, "n_positions": m.positions, "n_embd": m.d_model, "n_layer": m.num_layers,
         "n_head": m.num_heads, "n_inner": m.d_ff, "activation_function": "gelu_new",
         "layer_norm_epsilon": m.eps, "initializer_range": m.initializer_range, "tie_word_embeddings": m.tied,
@@ -112,6 +126,12 @@ def rules(m: ModelConfig) -> list[Rule]:
         ]
     out += [Rule("transformer.ln_f.weight", (d,), ("final_norm/scale",)),
             Rule("transformer.ln_f.bias", (d,), ("final_norm/bias",))]
-    if not m.tied:
+    n = m.num_labels
+    if m.task == "sequence_classification":  # score: nn.Linear without bias
+        out.append(Rule("score.weight", (n, d), ("classifier/kernel",), "transpose"))
+    elif m.task == "token_classification":
+        out += [Rule("classifier.weight", (n, d), ("classifier/kernel",), "transpose"),
+                Rule("classifier.bias", (n,), ("classifier/bias",))]
+    elif not m.tied:
         out.append(Rule("lm_head.weight", (v, d), ("lm_head/kernel",), "transpose"))  # nn.Linear (out, in)
     return out

@@ -10,6 +10,8 @@ transposed ("transpose") to our (in, out) kernel and reshaped into heads:
   final_norm scale.
 - `lm_head.weight` [V, D] -> lm_head/kernel [D, V] when untied; tie_word_embeddings=true uses
   `model.embed_tokens` (an lm_head.weight copy in a tied checkpoint must equal it).
+- Task models: LlamaFor{Sequence,Token}Classification's `score.weight` [N, D] -> classifier/kernel [D, N]
+  (+ `score.bias` [N] for token classification); they replace lm_head.
 HF's q/k weights are already in the rotate-half RoPE layout our model uses (no Meta-style permutation).
 
 RoPE config: transformers >= 5 writes `rope_parameters` {rope_type, rope_theta, factor, ...}; 4.x configs have
@@ -29,11 +31,14 @@ from __future__ import annotations
 import re
 
 from jaxctx.config import ROPE_SCALING_FIELDS, ROPE_TYPES, ConfigError, ModelConfig, validate_rope_scaling
-from jaxctx.convert.mapping import HFConfig, Rule
+from jaxctx.convert.mapping import HFConfig, Rule, task_from_hf, task_to_hf
 
 MODEL_TYPE = "llama"
-ARCHITECTURES = ("LlamaForCausalLM",)
+TASK_ARCHITECTURES = {"LlamaForCausalLM": "lm", "LlamaForSequenceClassification": "sequence_classification",
+                      "LlamaForTokenClassification": "token_classification"}  # architecture -> model.task
+ARCHITECTURES = tuple(TASK_ARCHITECTURES)
 EXPORT_ARCHITECTURE = "LlamaForCausalLM"
+EXPORT_ARCHITECTURES = {task: arch for arch, task in TASK_ARCHITECTURES.items()}
 AUTO_CLASS = "AutoModelForCausalLM"
 CARRY_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout")
 IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -96,8 +101,11 @@ def config_from_hf(hf: dict, where: str) -> dict:
         head_dim=head_dim, d_ff=c.require("intermediate_size"), vocab_size=c.require("vocab_size"),
         max_positions=max_positions, norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=theta,
         rope_scaling=scaling, tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        initializer_range=float(c.get("initializer_range", 0.02)),
-        attention_dropout=c.rate("attention_dropout", 0.0))  # LLaMA has no hidden dropout
+        initializer_range=float(c.get("initializer_range", 0.02)), pad_token_id=int(c.get("pad_token_id", 0)),
+        attention_dropout=c.rate("attention_dropout", 0.0),  # LLaMA has no hidden dropout
+        **task_from_hf(c, TASK_ARCHITECTURES))
+    if c.get("token_classification_bias", True) is not True:
+        c.unsupported("token_classification_bias=false is not supported (the token classifier has a bias)")
     if isinstance(kv_heads, int) and kv_heads > 0 and heads % kv_heads:
         c.unsupported(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
     if head_dim is None and d % heads:
@@ -116,8 +124,11 @@ def config_to_hf(m: ModelConfig) -> dict:
     if kind in ("llama3", "yarn", "longrope"):  # our model falls back to max_positions; written explicitly
         scaling.setdefault("original_max_position_embeddings", m.positions)
     rope_parameters = {"rope_type": kind, "rope_theta": m.rope_theta, **scaling}
+    task = task_to_hf(m)
+    if m.task == "sequence_classification":  # HF finds each row's last non-padding token by pad_token_id
+        task["pad_token_id"] = m.pad_token_id
     return {
-        "model_type": MODEL_TYPE, "architectures": [EXPORT_ARCHITECTURE],
+        **task, "model_type": MODEL_TYPE, "architectures": [EXPORT_ARCHITECTURES[m.task]],
         "vocab_size": m.vocab_size, "hidden_size": m.d_model, "intermediate_size": m.ff_dim,
         "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads, "num_key_value_heads": m.kv_heads,
         "head_dim": m.dim_per_head, "max_position_embeddings": m.positions, "rms_norm_eps": m.eps,
@@ -154,6 +165,10 @@ def rules(m: ModelConfig) -> list[Rule]:
             Rule(h + "mlp.down_proj.weight", (d, f), (o + "mlp/down_kernel",), "transpose"),
         ]
     out.append(Rule("model.norm.weight", (d,), ("final_norm/scale",)))
-    if not m.tied:
+    if m.task != "lm":  # score: nn.Linear [N, D]; with a bias for token classification (HF's default)
+        out.append(Rule("score.weight", (m.num_labels, d), ("classifier/kernel",), "transpose"))
+        if m.task == "token_classification":
+            out.append(Rule("score.bias", (m.num_labels,), ("classifier/bias",)))
+    elif not m.tied:
         out.append(Rule("lm_head.weight", (v, d), ("lm_head/kernel",), "transpose"))
     return out

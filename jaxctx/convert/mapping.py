@@ -110,6 +110,53 @@ class HFConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Task models: config.json's label keys <-> model.task / num_labels / problem_type / id2label
+# ----------------------------------------------------------------------------------------------------------
+
+HF_PROBLEM = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
+              "regression": "regression"}
+
+
+def task_from_hf(c: HFConfig, tasks: dict[str, str]) -> dict:
+    """ModelConfig task fields from config.json: the task from `architectures` (tasks: architecture -> task), the
+    labels from id2label (num_labels = its length, as transformers derives it), problem_type by HF's name."""
+    architectures = c.get("architectures") or []
+    task = next((tasks[a] for a in architectures if a in tasks), "lm")
+    if task == "lm":
+        return {}
+    id2label = c.get("id2label")
+    num_labels = c.get("num_labels")
+    if id2label is not None and not isinstance(id2label, dict):
+        c.unsupported(f"id2label={id2label!r} must be a mapping of label ids to names")
+        id2label = None
+    if id2label:
+        if num_labels is not None and num_labels != len(id2label):
+            c.unsupported(f"num_labels={num_labels} but id2label names {len(id2label)} labels; they must agree")
+        num_labels = len(id2label)
+    elif num_labels is None:
+        num_labels = 2  # transformers' default
+    problem = c.get("problem_type")
+    ours = {hf: name for name, hf in HF_PROBLEM.items()}
+    if problem is not None and problem not in ours:
+        c.unsupported(f"problem_type={problem!r} is not one of {', '.join(ours)}")
+        problem = None
+    return {"task": task, "num_labels": num_labels, "problem_type": ours.get(problem),
+            "id2label": {str(k): v for k, v in id2label.items()} if id2label else None}
+
+
+def task_to_hf(m: ModelConfig) -> dict:
+    """config.json label keys of a task model (label names LABEL_i when model.id2label is unset, as transformers)."""
+    if m.task == "lm":
+        return {}
+    names = m.id2label or tuple(f"LABEL_{i}" for i in range(m.num_labels))
+    out = {"id2label": {str(i): name for i, name in enumerate(names)},
+           "label2id": {name: i for i, name in enumerate(names)}}
+    if m.task == "sequence_classification":
+        out["problem_type"] = HF_PROBLEM[m.problem]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Param trees
 # ----------------------------------------------------------------------------------------------------------
 

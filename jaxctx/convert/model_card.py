@@ -17,6 +17,8 @@ from jaxctx.config import Config
 
 PIPELINE_TAG = {"gpt2": "text-generation", "llama": "text-generation", "bert": "fill-mask"}
 AUTO_CLASS = {"gpt2": "AutoModelForCausalLM", "llama": "AutoModelForCausalLM", "bert": "AutoModelForMaskedLM"}
+TASK_TAG = {"sequence_classification": ("text-classification", "AutoModelForSequenceClassification"),
+            "token_classification": ("token-classification", "AutoModelForTokenClassification")}
 
 
 def read_metrics(workdir: str, up_to_step: int | None) -> list[dict]:
@@ -47,7 +49,7 @@ def model_card(cfg: Config, *, name: str, step: int | None, source: str, meta: d
     m, d, t = cfg.model, cfg.data, cfg.train
     origin = meta.get("source") if isinstance(meta.get("source"), dict) else None
     imported = origin is not None and origin.get("format") == "huggingface"
-    tag = PIPELINE_TAG[m.family]
+    tag, auto = TASK_TAG.get(m.task, (PIPELINE_TAG[m.family], AUTO_CLASS[m.family]))
     lines = ["---", "library_name: transformers", f"pipeline_tag: {tag}", "tags:", "- jaxctx", "---", "",
              f"# {name}", "",
              f"A {m.family} model ({params / 1e6:.2f}M parameters: {m.num_layers} layers, d_model {m.d_model}, "
@@ -77,8 +79,9 @@ def model_card(cfg: Config, *, name: str, step: int | None, source: str, meta: d
     lines += ["", "## Use with transformers", "", "```python", "from transformers import pipeline", "",
               f'pipe = pipeline("{tag}", model="path/to/this/directory")',
               ('print(pipe("def main():", max_new_tokens=20, do_sample=False)[0]["generated_text"])'
-               if tag == "text-generation" else 'print(pipe(f"import {pipe.tokenizer.mask_token}"))'),
-              "```", "", f"or `transformers.{AUTO_CLASS[m.family]}.from_pretrained` with `AutoTokenizer`.", "",
+               if tag == "text-generation" else 'print(pipe(f"import {pipe.tokenizer.mask_token}"))'
+               if tag == "fill-mask" else 'print(pipe("def main():"))'),
+              "```", "", f"or `transformers.{auto}.from_pretrained` with `AutoTokenizer`.", "",
               "## jaxctx config", "", "```yaml", config_lib.to_yaml(cfg).rstrip("\n"), "```", ""]
     return "\n".join(lines)
 

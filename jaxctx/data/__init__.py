@@ -19,7 +19,7 @@ import importlib
 _EXPORTS = {
     "build_iterator": "jaxctx.data.pipeline",
     "DataIterator": "jaxctx.data.pipeline",
-    "local_batch_size": "jaxctx.data.pipeline",
+    "local_batch_size": "jaxctx.data.global_batch",
     "make_global_batch": "jaxctx.data.global_batch",
     "load_tokenizer": "jaxctx.data.tokenizer",
     "check_vocab": "jaxctx.data.tokenizer",

@@ -1,6 +1,7 @@
-"""`jaxctx data inspect` and `jaxctx tokenizer train`.
+"""`jaxctx data inspect`, `jaxctx data make-task` and `jaxctx tokenizer train`.
 
     jaxctx data inspect --config configs/x.yaml --set data.seq_len=1024 --batches 20 [--json]
+    jaxctx data make-task stdlib-package --out data/stdlib-package
     jaxctx tokenizer train --data 'corpus/*.txt' --vocab-size 8192 --out tokenizers/corpus-8k
 
 Importing this module stays cheap (argparse only); the pipeline is imported when a command runs.
@@ -38,6 +39,15 @@ def register(subparsers) -> None:
     inspect.add_argument("--process-count", type=_positive_int, default=1, help="simulated number of processes")
     inspect.add_argument("--json", action="store_true", help="end with one JSON line of summary numbers")
     inspect.set_defaults(func=inspect_command)
+    make = data_sub.add_parser("make-task", help="write an offline labelled task from the stdlib sources as JSONL",
+                               description="Writes train.jsonl, validation.jsonl and task.json for a labelled "
+                                           "task built from the Python standard library's sources: "
+                                           "stdlib-package (classify a file's package from its masked text) or "
+                                           "stdlib-tokens (tag each word with its Python token class, BIO).")
+    make.add_argument("name", choices=("stdlib-package", "stdlib-tokens"), help="the task to write")
+    make.add_argument("--out", required=True, help="output directory (must be empty or new without --force)")
+    make.add_argument("--force", action="store_true", help="write into a non-empty --out directory")
+    make.set_defaults(func=make_task_command)
 
     tok = subparsers.add_parser("tokenizer", help="train tokenizers")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND")
@@ -86,9 +96,10 @@ def inspect_command(args) -> int:
         seg = batch["segment_ids"]
         docs = seg.max(axis=1).mean()  # segments are numbered 1..n in each row
         docs_per_row.append(docs)
-        scored.append(batch["loss_mask"].mean())
+        # scored tokens (LM, tagging) or, for sequence classification, filled example slots of [B, E]
+        scored.append(batch["loss_mask" if "loss_mask" in batch else "label_mask"].mean())
         print(f"batch {i}: shape {list(seg.shape)}  docs/seq {docs:.2f}  padding {np.mean(seg == 0):.2%}  "
-              f"scored {batch['loss_mask'].mean():.2%}  {dt * 1e3:.1f} ms  {seg.size / dt / 1e6:.2f} M tokens/s")
+              f"scored {scored[-1]:.2%}  {dt * 1e3:.1f} ms  {seg.size / dt / 1e6:.2f} M tokens/s")
     stats = it.stats()
     total_s = time.perf_counter() - start
     summary = {
@@ -113,11 +124,28 @@ def inspect_command(args) -> int:
         "seq_len": cfg.data.seq_len,
         "family": cfg.model.family,
     }
+    for key in ("examples", "truncated_examples", "packing_efficiency", "examples_per_row"):  # labelled data
+        if key in stats:
+            summary[key] = stats[key]
     print(f"{summary['batches']} batches: padding {summary['padding_fraction']:.2%}, "
           f"{summary['docs_per_sequence']:.2f} docs/seq, {summary['tokens_per_sec'] / 1e6:.1f} M packed tokens/s "
           f"({summary['end_to_end_tokens_per_sec'] / 1e6:.2f} M tokens/s including setup)")
     if args.json:
         print(json.dumps(summary))
+    return 0
+
+
+def make_task_command(args) -> int:
+    """Write the offline task `args.name` into `args.out` and print its counts."""
+    from jaxctx.data.stdlib_tasks import make_task
+
+    start = time.perf_counter()
+    summary = make_task(args.name, args.out, force=args.force)
+    sizes = {split: sum(c.values()) if args.name == "stdlib-package" else c["examples"]
+             for split, c in summary["counts"].items()}
+    print(f"wrote {args.name} to {args.out} in {time.perf_counter() - start:.1f} s: {sizes['train']} train and "
+          f"{sizes['validation']} validation examples, {len(summary['labels'])} labels "
+          f"({', '.join(summary['labels'])}); see {os.path.join(args.out, 'task.json')}")
     return 0
 
 

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jaxctx.data.errors import DataError
+
 
 def make_global_batch(local_batch: Mapping[str, np.ndarray], sharding: Any, *,
                       groups: int | None = None) -> dict[str, Any]:
@@ -33,3 +35,11 @@ def make_global_batch(local_batch: Mapping[str, np.ndarray], sharding: Any, *,
         global_shape = (local.shape[0] * groups, *local.shape[1:])  # [B, T]
         out[name] = jax.make_array_from_process_local_data(sh, local, global_shape)
     return out
+
+
+def local_batch_size(global_batch: int, process_count: int) -> int:
+    """Rows each process feeds: the global batch split evenly over processes."""
+    if global_batch % process_count:
+        raise DataError(f"train.batch_size={global_batch} is not divisible by the {process_count} processes; "
+                        f"use a multiple of {process_count}")
+    return global_batch // process_count

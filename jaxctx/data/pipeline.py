@@ -35,6 +35,7 @@ import numpy as np
 
 from jaxctx.data import mlm
 from jaxctx.data.errors import DataError, EmptyDatasetError
+from jaxctx.data.global_batch import local_batch_size  # noqa: F401  (re-exported: jaxctx.data.local_batch_size)
 from jaxctx.data.packing import PackedLayout, StreamPacker, TokenStore, assemble_rows, check_seq_len
 from jaxctx.data.sources import Documents, _workers, load_documents
 from jaxctx.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
@@ -51,14 +52,6 @@ def _token_features():
     import datasets
 
     return datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
-
-
-def local_batch_size(global_batch: int, process_count: int) -> int:
-    """Rows each process feeds: the global batch split evenly over processes."""
-    if global_batch % process_count:
-        raise DataError(f"train.batch_size={global_batch} is not divisible by the {process_count} processes; "
-                        f"use a multiple of {process_count}")
-    return global_batch // process_count
 
 
 class _MapSource:
@@ -308,7 +301,8 @@ def build_iterator(cfg, split: str = "train", *, process_index: int | None = Non
 
     process_index/process_count default to `jax.process_index()` / `jax.process_count()`; tests pass them to
     simulate hosts, and the training loop passes the data group's index and count when processes share rows
-    (jaxctx.parallel.data_group). `state` (from `get_state`) restores the position. Raises the errors of
+    (jaxctx.parallel.data_group). `state` (from `get_state`) restores the position. A task model (model.task != lm)
+    gets the labelled-batch iterator of jaxctx.data.task instead (same interface). Raises the errors of
     jaxctx.data.errors (all ValueError or FileNotFoundError) for bad data, settings or a vocabulary larger than
     `model.vocab_size`.
     """
@@ -317,6 +311,11 @@ def build_iterator(cfg, split: str = "train", *, process_index: int | None = Non
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
+    if getattr(cfg.model, "task", "lm") != "lm":  # labelled batches for a task head
+        from jaxctx.data.task import build_task_iterator
+
+        return build_task_iterator(cfg, split, process_index=process_index, process_count=process_count,
+                                   repeat=repeat, state=state)
     it = DataIterator(cfg, split, process_index=process_index, process_count=process_count, repeat=repeat)
     if state is not None:
         it.set_state(state)

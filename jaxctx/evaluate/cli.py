@@ -1,8 +1,9 @@
-"""`jaxctx eval` (perplexity + per-position loss), `jaxctx eval passkey`, and `jaxctx fill-mask`.
+"""`jaxctx eval` (perplexity + per-position loss), `jaxctx eval passkey`, `jaxctx fill-mask`, `jaxctx predict`.
 
     jaxctx eval --checkpoint DIR|--hf DIR --data SOURCE --seq-len T [--stride S] [--out FILE.json]
     jaxctx eval passkey --checkpoint DIR|--hf DIR --lengths 1024,4096 [--depths 0,0.5,1] [--trials N] [--out F.json]
     jaxctx fill-mask --checkpoint DIR|--hf DIR --text "Paris is the [MASK] of France." [--top-k 5]
+    jaxctx predict --checkpoint WORKDIR --data FILE --out preds.jsonl [--batch-size 8] [--force]
 
 --out FILE.json also writes FILE.csv and FILE.png beside it (an existing FILE.json is kept unless --force).
 Importing this module stays cheap (argparse only).
@@ -45,7 +46,20 @@ def _add_out(parser) -> None:
 
 
 def register(subparsers) -> None:
-    """Add the `eval` and `fill-mask` commands."""
+    """Add the `eval`, `fill-mask` and `predict` commands."""
+    pr = subparsers.add_parser(
+        "predict", help="a fine-tuned task model's labels / probabilities / entity spans for each example of a file",
+        description="Encodes the file's examples as training did (text [+ pair] or tokens; labels optional) and "
+                    "writes one JSONL row per example: the label and class probabilities, or per-word tags and "
+                    "entity spans. Prints the task metrics too when the file has labels.")
+    pr.add_argument("--checkpoint", required=True, metavar="DIR",
+                    help="training workdir, WORKDIR/best, or a checkpoint root (latest step)")
+    pr.add_argument("--data", required=True, metavar="FILE", help="JSON/JSONL, CSV or parquet file (or glob/dir)")
+    pr.add_argument("--out", required=True, metavar="PREDS.jsonl", help="output JSONL")
+    pr.add_argument("--batch-size", type=_positive_int, default=8, help="packed rows per forward pass (default 8)")
+    pr.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    pr.add_argument("--force", action="store_true", help="replace an existing --out")
+    pr.set_defaults(func=predict_command)
     ev = subparsers.add_parser(
         "eval", help="perplexity and per-position loss over a corpus; `eval passkey` for retrieval",
         description="Sliding-window perplexity (transformers' method: windows of --seq-len every --stride tokens, "
@@ -226,4 +240,12 @@ def fill_mask_command(args) -> int:
         print(f"mask {i + 1}:")
         for c in candidates:
             print(f"  {c['score']:.4f}  {c['token_str']!r:<16} {c['sequence']}")
+    return 0
+
+
+def predict_command(args) -> int:
+    """Write a task model's predictions for each example of --data to --out (jaxctx.evaluate.predict)."""
+    from jaxctx.evaluate.predict import predict
+
+    predict(args.checkpoint, args.data, args.out, batch_size=args.batch_size, force=args.force, step=args.step)
     return 0

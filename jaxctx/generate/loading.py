@@ -48,12 +48,19 @@ def check_family(family: str, families: tuple[str, ...], command: str, where: st
         raise UsageError(f"{where} holds a {family} model; {command} needs {' or '.join(families)}")
 
 
+def check_task(task: str, tasks: tuple[str, ...], command: str, where: str) -> None:
+    if task not in tasks:
+        raise UsageError(f"{where} holds a model.task={task} model; {command} needs model.task "
+                         f"{' or '.join(tasks)}")
+
+
 def load(checkpoint: str | None = None, hf: str | None = None, *, tokenizer: str | None = None,
          step: int | None = None, families: tuple[str, ...] = ("gpt2", "llama", "bert"),
-         command: str = "this command") -> InferenceModel:
+         command: str = "this command", tasks: tuple[str, ...] = ("lm",)) -> InferenceModel:
     """Exactly one of checkpoint (a workdir or checkpoint root; latest step unless `step`) and hf (a directory
     written by save_pretrained). tokenizer overrides the tokenizer ("byte" or a directory). A model outside
-    `families` is refused (naming `command`) before any weights are read."""
+    `families` or `tasks` (model.task: language models by default) is refused (naming `command`) before any
+    weights are read (--checkpoint) or used (--hf)."""
     from jaxctx import config as config_lib
     from jaxctx.data.tokenizer import load_tokenizer
 
@@ -68,6 +75,7 @@ def load(checkpoint: str | None = None, hf: str | None = None, *, tokenizer: str
                              f"it holds")
         cfg = config_lib.from_dict(meta["config"]).resolved()
         check_family(cfg.model.family, families, command, f"--checkpoint {checkpoint}")
+        check_task(cfg.model.task, tasks, command, f"--checkpoint {checkpoint}")
         params, meta = load_params(checkpoint, step=step)
         spec, source, at = tokenizer or cfg.data.tokenizer, os.path.abspath(checkpoint), meta.get("step")
     else:
@@ -77,6 +85,7 @@ def load(checkpoint: str | None = None, hf: str | None = None, *, tokenizer: str
         model_type = io.read_hf_config(hf).get("model_type")
         check_family(str(model_type), families, command, f"--hf {hf}")
         cfg, params = from_hf(hf)
+        check_task(cfg.model.task, tasks, command, f"--hf {hf}")
         source, at = os.path.abspath(hf), None
         spec = tokenizer
         if spec is None:

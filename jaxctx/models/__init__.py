@@ -16,6 +16,11 @@ Methods (the modules are setup()-style so several entry points share one param t
   cfg.loss_chunk > 0 the [B, T, V] logits are never materialised (`jaxctx.ops.chunked_cross_entropy`).
 - `hidden(input_ids, ...)` -> [B, T, D]: the input of the output projection; `head()` -> (matrix, bias, layout).
 
+Task models (model.task = sequence_classification | token_classification; jaxctx.models.heads): the same backbone
+tree without the LM head, plus `pooler` (bert sequence task) and `classifier`. `__call__` -> [B, num_labels] (one
+example per row) or [B, T, num_labels]; `example_logits(input_ids, cls_index, ...)` -> [B, E, num_labels] for
+packed examples; `task_loss(input_ids, labels, weights, ..., cls_index=)` -> (loss_sum, weight_sum).
+
 Chunking and memory knobs (ModelConfig): mlp_chunk (MLP over sequence chunks under remat), loss_chunk, attention
 (+ attention_block_q/k), remat_policy, scan_layers. The param tree of each family is documented in gpt.py and
 bert.py; `stack_layers` / `unstack_layers` convert between the scanned and unscanned layouts.
@@ -34,6 +39,7 @@ from flax.core import FrozenDict
 from jaxctx.config import Config, ModelConfig
 from jaxctx.models.bert import BertMLM
 from jaxctx.models.gpt import CausalLM
+from jaxctx.models.task_models import BertTaskModel, CausalTaskModel
 
 
 def build(cfg: Config | ModelConfig) -> nn.Module:
@@ -52,6 +58,8 @@ def build(cfg: Config | ModelConfig) -> nn.Module:
         # longrope's factor lists become tuples for the same reason.
         scaling = {k: tuple(v) if isinstance(v, list) else v for k, v in model_cfg.rope_scaling.items()}
         model_cfg = dataclasses.replace(model_cfg, rope_scaling=FrozenDict(scaling))
+    if model_cfg.task != "lm":
+        return BertTaskModel(model_cfg) if model_cfg.family == "bert" else CausalTaskModel(model_cfg)
     if model_cfg.family == "bert":
         return BertMLM(model_cfg)
     return CausalLM(model_cfg)
@@ -84,4 +92,4 @@ def stack_layers(params: dict) -> dict:
     return params
 
 
-__all__ = ["build", "stack_layers", "unstack_layers", "CausalLM", "BertMLM"]
+__all__ = ["build", "stack_layers", "unstack_layers", "CausalLM", "BertMLM", "BertTaskModel", "CausalTaskModel"]

@@ -3,7 +3,7 @@
 Embeddings: word + learned position + token type, then LayerNorm. Post-norm encoder layers:
 x = LN(x + attn(x)); x = LN(x + mlp(x)) with mlp = dense(F) + bias, GELU(erf), dense(D) + bias. MLM head: dense
 D x D + bias, GELU(erf), LayerNorm, then the decoder tied to the word embeddings plus an output bias [V]. No
-pooler. Attention is bidirectional; padding is its own segment id, so real tokens never see it.
+pooler (unless model.nsp_head). Attention is bidirectional; padding is its own segment id, so real tokens never see it.
 Dropout (cfg.dropout, cfg.attention_dropout; train step only) sits where HF's does: after the embedding
 LayerNorm, on the attention probabilities, on the attention and MLP outputs before their residual add.
 
@@ -22,6 +22,10 @@ TV = type_vocab_size:
     mlm_head/dense_kernel      [D, D]     dense_bias [D]      (HF cls.predictions.transform.dense)
     mlm_head/norm/{scale,bias} [D]                            (HF cls.predictions.transform.LayerNorm)
     mlm_head/output_bias       [V]                            (HF cls.predictions.bias)
+With model.nsp_head (BertForPreTraining):
+    pooler/kernel [D, D], pooler/bias [D]                     (HF bert.pooler.dense)
+    nsp_head/kernel [D, 2], nsp_head/bias [2]                 (HF cls.seq_relationship)
+Task models (jaxctx.models.heads) keep the encoder's tree and replace the MLM head by their own.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxctx.config import ModelConfig
+from jaxctx.models.heads import NSP_LABELS, Classifier, Pooler
 from jaxctx.models.layers import (BTE, Attention, Embed, LayerNorm, Mlp, apply_dropout, check_inputs, compute_dtype,
                                   constrain, gelu_erf, layer_stack, lm_logits, lm_loss, make_param, normal, run_layers,
                                   zeros)
@@ -83,13 +88,20 @@ class BertMLM(nn.Module):
     cfg: ModelConfig
 
     def setup(self):
+        self.setup_encoder()
+        self.mlm_head = MlmHead(self.cfg)
+        if self.cfg.nsp_head:  # BertForPreTraining's pooler and next-sentence head
+            self.pooler = Pooler(self.cfg)
+            self.nsp_head = Classifier(self.cfg, NSP_LABELS)
+
+    def setup_encoder(self):
+        """Embeddings and layers (the task models of jaxctx.models.task_models share them)."""
         cfg = self.cfg
         self.token_embed = Embed(cfg.vocab_size, cfg.d_model, cfg)
         self.pos_embed = Embed(cfg.positions, cfg.d_model, cfg, axes=("positions", "embed"))
         self.type_embed = Embed(cfg.type_vocab_size, cfg.d_model, cfg, axes=("token_types", "embed"))
         self.embed_norm = LayerNorm(cfg)
         self.layers = layer_stack(EncoderBlock, cfg)
-        self.mlm_head = MlmHead(cfg)
 
     def encode(self, input_ids, segment_ids=None, positions=None, token_type_ids=None):
         """Encoder output [B, T, D] (HF `last_hidden_state`), compute dtype."""
@@ -112,7 +124,17 @@ class BertMLM(nn.Module):
     def __call__(self, input_ids, segment_ids=None, positions=None, token_type_ids=None):
         """MLM logits [B, T, V] in float32."""
         h = self.hidden(input_ids, segment_ids, positions, token_type_ids)
+        if self.cfg.nsp_head and self.is_initializing():  # create the next-sentence head's params too
+            self.nsp_head(self.pooler(h[:, 0]))
         return lm_logits(h, *self.head())
+
+    def nsp_logits(self, input_ids, segment_ids=None, positions=None, token_type_ids=None):
+        """Next-sentence logits [B, 2] f32 (model.nsp_head): pooler on each row's first token, as
+        BertForPreTraining (label 0 = the second segment continues the first)."""
+        if not self.cfg.nsp_head:
+            raise ValueError("nsp_logits needs model.nsp_head=true (the BertForPreTraining head)")
+        h = self.encode(input_ids, segment_ids, positions, token_type_ids)
+        return self.nsp_head(self.pooler(h[:, 0]))
 
     def loss(self, input_ids, targets, weights, segment_ids=None, positions=None, token_type_ids=None):
         """Summed MLM cross-entropy: (loss_sum, weight_sum); weights are 1 at masked positions, 0 elsewhere."""

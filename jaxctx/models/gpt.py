@@ -90,6 +90,12 @@ class CausalLM(nn.Module):
     cfg: ModelConfig
 
     def setup(self):
+        self.setup_trunk()
+        if not self.cfg.tied:
+            self.lm_head = LMHead(self.cfg)
+
+    def setup_trunk(self):
+        """Everything but the LM head (the task models of jaxctx.models.task_models share it)."""
         cfg = self.cfg
         if cfg.family not in ("gpt2", "llama"):
             raise ValueError(f"CausalLM builds gpt2 or llama, got model.family={cfg.family!r}")
@@ -98,8 +104,6 @@ class CausalLM(nn.Module):
             self.pos_embed = Embed(cfg.positions, cfg.d_model, cfg, axes=("positions", "embed"))
         self.layers = layer_stack(DecoderBlock, cfg)
         self.final_norm = make_norm(cfg)
-        if not cfg.tied:
-            self.lm_head = LMHead(cfg)
 
     def hidden(self, input_ids, segment_ids=None, positions=None, token_type_ids=None):
         """Final-norm hidden states [B, T, D] in the compute dtype."""

@@ -23,11 +23,14 @@ import numpy as np
 from jaxctx import config as config_lib
 from jaxctx.checkpoint import (Checkpointer, check_params_match, checkpoint_dir, load_params, params_metadata,
                                quarantine)
+from jaxctx.data.labels import save_labels
 from jaxctx.errors import WriteError
 from jaxctx.parallel import data_group, make_mesh
 from jaxctx.platform import check_platform
+from jaxctx.train import task_eval, warm_start
 from jaxctx.train import workdir as workdir_lib
 from jaxctx.train.runner import make_runner
+from jaxctx.train.step import check_task_data
 
 DEFAULT_WORKDIR_ROOT = "workdirs"
 
@@ -92,6 +95,8 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
 
     # --- pre-flight: nothing in this section writes a file ------------------------------------------------
     plan = workdir_lib.plan_start(cfg, workdir)  # refuses a workdir of another model before any work
+    check_task_data(cfg)  # a task model needs labelled batches
+    task_eval.check_keep_best(cfg)
     if cfg.train.init_from and not os.path.isdir(ckpt_dir):
         checkpoint_dir(cfg.train.init_from)  # a missing init_from fails now, not after the data is prepared
     # Data first: tokenization may fork worker processes, which must happen before JAX starts its backend threads.
@@ -122,6 +127,8 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
             _log(f"continuing with changed settings ({', '.join(sorted(plan.changed))}), recorded in {written}")
         # rows logged after the restored step (by a run that then died) will be logged again
         workdir_lib.truncate_metrics(metrics_path, start)
+        if getattr(train_data, "labels", None) is not None:  # a task model's label names, for predict / exports
+            save_labels(workdir, train_data.labels, {"source": cfg.data.source, "task": cfg.data.task})
     _sync_processes("jaxctx-start")
     ckpt = Checkpointer(ckpt_dir, keep=cfg.train.keep_checkpoints)
     if start > 0:
@@ -133,6 +140,7 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
     _log(f"workdir: {os.path.abspath(workdir)}  |  mesh {dict(mesh.shape)}  |  "
          f"{runner.param_count() / 1e6:.2f}M params  |  attention={cfg.model.attention}")
 
+    best = task_eval.BestKeeper(workdir, cfg.train.keep_best)
     stop = _StopFlag()
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     progress = _progress(start, cfg.train.steps, enabled=is_main)
@@ -150,6 +158,8 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
                     break
             pending = (step, metrics)
             stopping = step == cfg.train.stop_after or stop.requested()
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+                _evaluate_and_log(cfg, runner, state, val_data, step, metrics_path, best, train_data)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stopping:
                 status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt, clock)
                 pending = None
@@ -176,7 +186,12 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
                 raise
 
     if status == 0 and step == cfg.train.steps:
-        evaluate(cfg, runner, state, val_data)
+        if cfg.model.task == "lm" and not cfg.train.keep_best:
+            evaluate(cfg, runner, state, val_data)
+        else:  # a task model's final metrics (and per-class report) are logged and may be the best
+            result = _evaluate_and_log(cfg, runner, state, val_data, step, metrics_path, best, train_data)
+            if result and result.get("report") and is_main:
+                print(task_eval.format_report(result["report"]))
     if is_main:
         print(f"workdir: {os.path.abspath(workdir)}")
     return status
@@ -187,8 +202,9 @@ def _data(cfg, index: int, count: int):
     from jaxctx.data import build_iterator
 
     train = build_iterator(cfg, "train", process_index=index, process_count=count)
-    val = build_iterator(cfg, "validation", process_index=index, process_count=count) \
-        if cfg.data.validation_fraction > 0 else None
+    # Labelled data (data.task) may bring a validation file of its own, whatever validation_fraction says.
+    has_validation = cfg.data.validation_fraction > 0 or cfg.data.task is not None
+    val = build_iterator(cfg, "validation", process_index=index, process_count=count) if has_validation else None
     return train, val
 
 
@@ -204,6 +220,8 @@ def _initial_state(cfg, runner, ckpt_dir: str, train_data):
             state, meta = restored
             train_data.set_state(meta["data"])
             return state, start, unrestorable
+    if cfg.train.init_from and cfg.model.task != "lm":  # a task model: backbone loaded, head fresh (logged)
+        return runner.with_params(runner.init(cfg.train.seed), warm_start.task_params(cfg, runner)), 0, []
     if cfg.train.init_from:
         # Shapes from the checkpoint's metadata first: a wrong model is refused before anything is allocated.
         init_step, metadata, _ = params_metadata(cfg.train.init_from)
@@ -294,6 +312,24 @@ def evaluate(cfg, runner, state, data) -> dict | None:
     result = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": weight_sum}
     _log(f"validation: loss {loss:.4f}  perplexity {result['val_perplexity']:.2f}  "
          f"({int(weight_sum)} scored tokens)")
+    return result
+
+
+def _evaluate_and_log(cfg, runner, state, data, step: int, metrics_path: str, best, train_data) -> dict | None:
+    """A validation pass at `step`: its numbers go to metrics.jsonl (task models: the task metrics too) and, with
+    train.keep_best, an improved metric saves the checkpoint into WORKDIR/best/."""
+    if data is None:
+        return None
+    if cfg.model.task == "lm":
+        result = evaluate(cfg, runner, state, data)
+    else:
+        result = task_eval.evaluate_task(cfg, runner, state, data, log=_log)
+    row = {"step": step, **{k: v for k, v in result.items() if isinstance(v, (int, float))}}
+    if jax.process_index() == 0:
+        workdir_lib.append_metrics(metrics_path, row)
+    if best.update(step, result, runner, state, {"step": step, "data": train_data.get_state(),
+                                                 "config": cfg.to_dict()}):
+        _log(f"best {best.metric} so far ({best.best:.4f}): checkpoint of step {step} kept in {best.directory}")
     return result
 
 

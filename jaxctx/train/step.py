@@ -6,7 +6,9 @@ the state untouched if the loss or the gradients are not finite (the loop then s
 
 Batches are dicts of [B, T] arrays (see jaxctx.data.packing): `input_ids`, `targets`, `loss_mask`,
 `segment_ids`, `positions` and, for BERT, `token_type_ids`. The loss is the mean cross-entropy over scored
-tokens: sum(ce * loss_mask) / sum(loss_mask) over the whole global batch, however it is split.
+tokens: sum(ce * loss_mask) / sum(loss_mask) over the whole global batch, however it is split. Task models
+(model.task != lm) take `labels` with `label_mask` and `cls_index` [B, E] (sequence) or `loss_mask` [B, T]
+(token) instead of targets (TASK_FIELDS); their loss is the mean over examples or scored tokens.
 
 Dropout (model.dropout / model.attention_dropout > 0): the step passes the model a "dropout" rng,
 `fold_in(fold_in(PRNGKey(train.seed), DROPOUT_STREAM), state.step)` and then the micro-batch index. The key is a
@@ -27,12 +29,20 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jaxctx.ops.ring import to_layout
+from jaxctx.config import TASK_DATA
+from jaxctx.errors import ConfigError
+from jaxctx.ops.ring import to_layout, to_layout_index
 from jaxctx.parallel import LOGICAL_RULES, sequence_size
 
 MODEL_INPUTS = ("segment_ids", "positions", "token_type_ids")
+# Labelled batches of the task models (docs/models.md "Task heads"): per example [B, E] for sequence tasks (cls_index
+# = the token position each example's head reads), per token [B, T] for token tasks.
+TASK_FIELDS = {"lm": ("targets", "loss_mask"), "sequence_classification": ("cls_index", "labels", "label_mask"),
+               "token_classification": ("labels", "loss_mask")}
+PER_EXAMPLE = ("cls_index", "labels", "label_mask")
 
 
 @flax.struct.dataclass
@@ -50,16 +60,45 @@ def dropout_key(seed: int, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), DROPOUT_STREAM), step)
 
 
+def task_fields(task: str) -> tuple[str, ...]:
+    """The batch fields a model.task trains on, besides input_ids and the MODEL_INPUTS."""
+    return TASK_FIELDS[task]
+
+
+def check_task_data(cfg) -> None:
+    """Pre-flight: a task model needs labelled batches, which only a data.task pipeline makes (ConfigError)."""
+    if cfg.model.task != "lm" and not getattr(cfg.data, "task", None):
+        fields = ", ".join(task_fields(cfg.model.task))
+        raise ConfigError(f"model.task={cfg.model.task} trains on labelled batches ({fields}); the configured data "
+                          f"gives language-model batches (targets, loss_mask) and has no data.task: set "
+                          f"data.task={TASK_DATA[cfg.model.task]} with a labelled data.source (docs/finetuning.md) "
+                          f"or model.task=lm")
+
+
 def loss_sums(model: nn.Module, params, batch: dict, dropout_rng: jax.Array | None = None):
-    """(sum of cross-entropy over scored tokens, number of scored tokens) for one batch; dropout with a key."""
+    """(summed loss, summed weight) for one batch: cross-entropy over scored tokens for language models; for task
+    models (model.task != lm) the task loss over examples (sequence) or scored tokens (token), see
+    jaxctx.models.heads. Dropout runs when a key is given."""
     n = sequence_size(jax.sharding.get_abstract_mesh())
     batch = to_sequence_layout(batch, n)
     kwargs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
+    task = model.cfg.task
 
     def apply():
         rngs = None if dropout_rng is None else {"dropout": dropout_rng}
-        return model.apply({"params": params}, batch["input_ids"], batch["targets"], batch["loss_mask"],
-                           method="loss", rngs=rngs, **kwargs)
+        if task == "lm":
+            return model.apply({"params": params}, batch["input_ids"], batch["targets"], batch["loss_mask"],
+                               method="loss", rngs=rngs, **kwargs)
+        missing = [name for name in task_fields(task) if name not in batch]
+        if missing:
+            raise ValueError(f"a model.task={task} batch needs {', '.join(task_fields(task))}; it lacks "
+                             f"{', '.join(missing)} (batch keys: {', '.join(sorted(batch))})")
+        if task == "sequence_classification":
+            return model.apply({"params": params}, batch["input_ids"], batch["labels"], batch["label_mask"],
+                               method="task_loss", cls_index=batch["cls_index"], rngs=rngs,
+                               **kwargs)
+        return model.apply({"params": params}, batch["input_ids"], batch["labels"], batch["loss_mask"],
+                           method="task_loss", rngs=rngs, **kwargs)
 
     if n == 1:
         return apply()
@@ -77,10 +116,17 @@ def to_sequence_layout(batch: dict, n: int) -> dict:
     """
     if n == 1:
         return batch
+    b, t = batch["input_ids"].shape
     if "positions" not in batch:
-        b, t = batch["input_ids"].shape
         batch = {**batch, "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))}
-    return {name: to_layout(x, n, "zigzag", axis=1) for name, x in batch.items()}
+    # A sequence-task batch's per-example fields [B, E(, N)] are not token arrays: they stay, and cls_index (a
+    # token position) is mapped to the slot that token occupies in the layout.
+    per_example = set(PER_EXAMPLE) if "cls_index" in batch else set()
+    out = {name: x if name in per_example else to_layout(x, n, "zigzag", axis=1) for name, x in batch.items()}
+    if "cls_index" in batch:
+        slot = jnp.asarray(np.argsort(to_layout_index(t, n)), jnp.int32)  # [T]: original position -> layout slot
+        out["cls_index"] = slot[batch["cls_index"]]
+    return out
 
 
 def _split_micro(batch: dict, accum: int) -> dict:

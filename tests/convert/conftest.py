@@ -32,6 +32,7 @@ class HF:
 
     TOL = TOL
     VOCAB = VOCAB
+    CONFIGS = HF_CONFIGS
 
     @staticmethod
     def model(family, seed=0, **overrides):

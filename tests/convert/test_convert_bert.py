@@ -60,7 +60,7 @@ def test_import_export_is_bit_exact(hf, saved, tmp_path):
 
 
 def test_pretraining_checkpoint_with_tf_names(hf, saved, tmp_path):
-    """BertForPreTraining-style files: LayerNorm gamma/beta, pooler + NSP head (dropped with a warning), buffers and
+    """BertForPreTraining-style files: LayerNorm gamma/beta, pooler + NSP head (kept: model.nsp_head), buffers and
     tied decoder copies (checked, then dropped)."""
     _, path = saved("bert")
     tensors = load_file(os.path.join(path, "model.safetensors"))
@@ -79,7 +79,19 @@ def test_pretraining_checkpoint_with_tf_names(hf, saved, tmp_path):
     pre.mkdir()
     save_file(old, str(pre / "model.safetensors"), metadata={"format": "pt"})
     (pre / "config.json").write_text(json.dumps(config))
-    with pytest.warns(UserWarning, match="bert.pooler.dense.bias, bert.pooler.dense.weight, cls.seq_relationship"):
-        _, params = from_hf(str(pre))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the pooler and NSP head are kept (model.nsp_head), not dropped
+        cfg, params = from_hf(str(pre))
+    assert cfg.model.nsp_head
     _, expected = from_hf(path)
+    expected["pooler"] = {"kernel": np.ones((48, 48), np.float32), "bias": np.ones((48,), np.float32)}
+    expected["nsp_head"] = {"kernel": np.ones((48, 2), np.float32), "bias": np.ones((2,), np.float32)}
     hf.assert_same_params(expected, params)
+    # A pooler without a next-sentence head has no place in BertForMaskedLM: dropped, with a warning naming it.
+    for name in ("cls.seq_relationship.weight", "cls.seq_relationship.bias"):
+        del old[name]
+    save_file(old, str(pre / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="bert.pooler.dense.bias, bert.pooler.dense.weight"):
+        cfg, params = from_hf(str(pre))
+    assert not cfg.model.nsp_head and "pooler" not in params

@@ -184,7 +184,8 @@ def test_missing_config_and_weights(saved, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "mistral"}, "model_type='mistral' is not supported; jaxctx converts gpt2, bert, llama"),
-    ({"architectures": ["GPT2ForSequenceClassification"]}, "jaxctx converts GPT2LMHeadModel, GPT2Model"),
+    ({"architectures": ["GPT2DoubleHeadsModel"]}, "jaxctx converts GPT2LMHeadModel, GPT2Model, "
+                                                   "GPT2ForSequenceClassification, GPT2ForTokenClassification"),
     ({"activation_function": "relu", "n_head": None}, "n_head is missing; activation_function='relu'"),
 ])
 def test_unsupported_config(saved, tmp_path, change, message):
