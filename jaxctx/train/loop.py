@@ -150,14 +150,23 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
                 if status:
                     break
             pending = (step, metrics)
+            final = step == cfg.train.steps
             stopping = step == cfg.train.stop_after or stop.requested()
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stopping:
+            validating = val_data is not None and (final or (cfg.train.eval_every > 0
+                                                             and step % cfg.train.eval_every == 0))
+            if validating or step % cfg.train.checkpoint_every == 0 or final or stopping:
                 status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt, clock)
                 pending = None
                 if status:
                     break
-                runner.save(ckpt, step, state, {"step": step, "data": train_data.get_state(),
-                                                "config": cfg.to_dict()})
+                if validating:
+                    # Before the save: once this step's checkpoint exists, its validation row exists too, so a
+                    # resume from it never lacks the row (a row logged past the restored step is trimmed).
+                    record_validation(cfg, runner, state, val_data, step, metrics_path)
+                    clock.restart()  # the validation pass is not part of the next step's time
+                if step % cfg.train.checkpoint_every == 0 or final or stopping:
+                    runner.save(ckpt, step, state, {"step": step, "data": train_data.get_state(),
+                                                    "config": cfg.to_dict()})
                 if stopping:
                     reason = f"{stop.signal} received" if stop.signal else "train.stop_after reached"
                     ckpt.wait()
@@ -166,6 +175,8 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
         else:
             if pending is not None:
                 status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt, clock)
+            if start >= cfg.train.steps and val_data is not None:  # nothing trained: the run's result again
+                record_validation(cfg, runner, state, val_data, start, metrics_path)
         failed = False
     finally:
         progress.close()
@@ -176,8 +187,6 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
             if not failed:  # an error already on its way out is the one to report
                 raise
 
-    if status == 0 and step == cfg.train.steps:
-        evaluate(cfg, runner, state, val_data)
     if is_main:
         print(f"workdir: {os.path.abspath(workdir)}")
     return status
@@ -240,6 +249,10 @@ class _StepClock:
         self.devices = devices
         self.last_done = time.perf_counter()  # the first step's time includes its compilation
 
+    def restart(self) -> None:
+        """Time the next step from now (after work that is not a step: a validation pass)."""
+        self.last_done = time.perf_counter()
+
     def lap(self) -> float:
         now = time.perf_counter()
         elapsed, self.last_done = now - self.last_done, now
@@ -272,7 +285,11 @@ def _report(pending, metrics_path: str, tokens_per_step: int, cfg, progress, ckp
 
 
 def evaluate(cfg, runner, state, data) -> dict | None:
-    """Validation loss and perplexity over `train.eval_batches` held-out batches (None if there is no split)."""
+    """Validation loss and perplexity over `train.eval_batches` held-out batches (None if there is no split).
+
+    Always the same batches (the split is read from its start), so passes at different steps are comparable and a
+    resumed run's pass equals the uninterrupted run's.
+    """
     if data is None:
         return None
     data.seek(0)
@@ -282,10 +299,20 @@ def evaluate(cfg, runner, state, data) -> dict | None:
         l_sum, w_sum = jax.device_get(runner.eval(state, batch))
         loss_sum, weight_sum = loss_sum + float(l_sum), weight_sum + float(w_sum)
     loss = loss_sum / max(weight_sum, 1.0)
-    result = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": weight_sum}
-    _log(f"validation: loss {loss:.4f}  perplexity {result['val_perplexity']:.2f}  "
-         f"({int(weight_sum)} scored tokens)")
-    return result
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": weight_sum}
+
+
+def record_validation(cfg, runner, state, data, step: int, metrics_path: str) -> dict:
+    """Run `evaluate` (every process: it is collective), print it and log it as a metrics row of its own,
+    `{"step", "val_loss", "val_perplexity", "val_tokens"}` (process 0), unless that step's row is already there
+    (a finished run started again)."""
+    result = evaluate(cfg, runner, state, data)
+    _log(f"validation at step {step}: loss {result['val_loss']:.4f}  perplexity {result['val_perplexity']:.2f}  "
+         f"({int(result['val_tokens'])} scored tokens)")
+    row = {"step": step, **result}
+    if jax.process_index() == 0 and not workdir_lib.has_row(metrics_path, step, "val_loss"):
+        workdir_lib.append_metrics(metrics_path, row)
+    return row
 
 
 def _progress(start: int, total: int, *, enabled: bool):

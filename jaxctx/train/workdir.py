@@ -243,3 +243,18 @@ def append_metrics(path: str, row: dict) -> None:
             f.flush()
     except OSError as err:
         raise WriteError(f"could not append step {row.get('step')} to {path}: {err}") from None
+
+
+def has_row(path: str, step: int, key: str) -> bool:
+    """Whether metrics.jsonl already holds a row for `step` carrying `key` (e.g. that step's validation)."""
+    if not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step") == step and key in row:
+                return True
+    return False
