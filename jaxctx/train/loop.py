@@ -28,6 +28,7 @@ from jaxctx.parallel import check_rows_per_process, make_mesh
 from jaxctx.platform import check_platform
 from jaxctx.train import workdir as workdir_lib
 from jaxctx.train.runner import make_runner
+from jaxctx.train.throughput import Throughput
 
 DEFAULT_WORKDIR_ROOT = "workdirs"
 
@@ -139,6 +140,7 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
     progress = _progress(start, cfg.train.steps, enabled=is_main)
     pending = None  # (step, metrics on device): fetched one step late so dispatch never stalls
     clock = _StepClock(devices=mesh.size)
+    throughput = Throughput(cfg, runner.abstract_params(), list(mesh.devices.flat))
     status, step = 0, start
     failed = True
     try:
@@ -146,7 +148,7 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
             batch = runner.put_batch(next(train_data))
             state, metrics = runner.step(state, batch)
             if pending is not None:
-                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt, clock)
+                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt, clock, throughput)
                 if status:
                     break
             pending = (step, metrics)
@@ -155,7 +157,7 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
             validating = val_data is not None and (final or (cfg.train.eval_every > 0
                                                              and step % cfg.train.eval_every == 0))
             if validating or step % cfg.train.checkpoint_every == 0 or final or stopping:
-                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt, clock)
+                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt, clock, throughput)
                 pending = None
                 if status:
                     break
@@ -174,7 +176,7 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
                     break
         else:
             if pending is not None:
-                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt, clock)
+                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt, clock, throughput)
             if start >= cfg.train.steps and val_data is not None:  # nothing trained: the run's result again
                 record_validation(cfg, runner, state, val_data, start, metrics_path)
         failed = False
@@ -260,7 +262,7 @@ class _StepClock:
 
 
 def _report(pending, metrics_path: str, tokens_per_step: int, cfg, progress, ckpt: Checkpointer,
-            clock: _StepClock) -> int:
+            clock: _StepClock, throughput: Throughput) -> int:
     """Fetch one step's metrics (blocks until it finished) and log them; returns the exit status so far.
 
     A non-finite loss or gradient, or a batch with no scored token (the step skipped its update for either),
@@ -280,6 +282,7 @@ def _report(pending, metrics_path: str, tokens_per_step: int, cfg, progress, ckp
     progress.update(1)
     progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}", refresh=False)
     if jax.process_index() == 0 and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
+        row.update(throughput.columns(row["tokens_per_sec"]))
         workdir_lib.append_metrics(metrics_path, row)
     return 0
 

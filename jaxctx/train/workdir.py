@@ -39,7 +39,7 @@ RESUMABLE_KEYS = {
     "data": {"num_proc", "cache_dir"},  # how the same token stream is produced
     "train": {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches",
               "init_from", "stop_after", "learning_rate", "warmup_steps", "decay", "min_lr_ratio", "weight_decay",
-              "beta1", "beta2", "grad_clip", "grad_accum"},
+              "beta1", "beta2", "grad_clip", "grad_accum", "peak_tflops"},
     "parallel": None,  # None = every key: a run restores onto any mesh, jit or pmap, any number of processes
 }
 
