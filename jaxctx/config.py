@@ -228,6 +228,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # global-norm clipping; 0 = off
     grad_accum: int = 1  # micro-batches per optimizer step
     peak_tflops: float | None = None  # peak TFLOP/s per device for metrics' mfu; None = data-sheet table (none on CPU)
+    wandb_project: str | None = None  # also log metrics to this Weights & Biases project (pip install wandb)
+    wandb_mode: str = "online"  # online | offline (files under ./wandb, `wandb sync` later) | disabled
 
     def validate(self) -> None:
         for name in ("batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum",
@@ -237,6 +239,7 @@ class TrainConfig:
             raise ConfigError(f"train.stop_after={self.stop_after} must be >= 0 (0 = run to train.steps)")
         _check_choice("train.optimizer", self.optimizer, ("adamw", "adafactor", "lion"))
         _check_choice("train.decay", self.decay, ("cosine", "linear", "constant"))
+        _check_choice("train.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ConfigError(f"train.peak_tflops={self.peak_tflops} must be a positive number of TFLOP/s per "
                               f"device (or null for the data-sheet table)")

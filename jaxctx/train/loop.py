@@ -21,12 +21,14 @@ import jax
 import numpy as np
 
 from jaxctx import config as config_lib
+from jaxctx import storage
 from jaxctx.checkpoint import (Checkpointer, check_params_match, checkpoint_dir, load_params, params_metadata,
                                quarantine)
 from jaxctx.errors import WriteError
 from jaxctx.parallel import check_rows_per_process, make_mesh
 from jaxctx.platform import check_platform
 from jaxctx.train import workdir as workdir_lib
+from jaxctx.train.metrics_log import MetricsLog, check_available
 from jaxctx.train.runner import make_runner
 from jaxctx.train.throughput import Throughput
 
@@ -90,12 +92,14 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
 
     process_index, process_count = _process_info()
     is_main = process_index == 0
-    metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
-    ckpt_dir = os.path.join(workdir, workdir_lib.CHECKPOINTS)
+    storage.set_tensorstore_timeouts()  # before TensorStore first runs (checkpoints on gs://)
+    metrics_path = storage.join(workdir, workdir_lib.METRICS_FILE)
+    ckpt_dir = storage.join(workdir, workdir_lib.CHECKPOINTS)
 
     # --- pre-flight: nothing in this section writes a file ------------------------------------------------
     plan = workdir_lib.plan_start(cfg, workdir)  # refuses a workdir of another model before any work
-    if cfg.train.init_from and not os.path.isdir(ckpt_dir):
+    check_available(cfg)  # a configured W&B without the package fails now, before anything is written
+    if cfg.train.init_from and not storage.isdir(ckpt_dir):
         checkpoint_dir(cfg.train.init_from)  # a missing init_from fails now, not after the data is prepared
     # Data first: tokenization may fork worker processes, which must happen before JAX starts its backend threads.
     import datasets
@@ -126,13 +130,14 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
         workdir_lib.truncate_metrics(metrics_path, start)
     _sync_processes("jaxctx-start")
     ckpt = Checkpointer(ckpt_dir, keep=cfg.train.keep_checkpoints)
+    log = MetricsLog(cfg, workdir, start=start, enabled=is_main)
     if start > 0:
         _log(f"resumed from {ckpt.directory} at step {start}")
         if start >= cfg.train.steps:
             _log(f"already at train.steps={cfg.train.steps}: nothing to train (raise train.steps to continue)")
     elif cfg.train.init_from:
         _log(f"initialised params from {cfg.train.init_from} (fresh optimizer)")
-    _log(f"workdir: {os.path.abspath(workdir)}  |  mesh {dict(mesh.shape)}  |  "
+    _log(f"workdir: {storage.absolute(workdir)}  |  mesh {dict(mesh.shape)}  |  "
          f"{runner.param_count() / 1e6:.2f}M params  |  attention={cfg.model.attention}")
 
     stop = _StopFlag()
@@ -148,7 +153,7 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
             batch = runner.put_batch(next(train_data))
             state, metrics = runner.step(state, batch)
             if pending is not None:
-                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt, clock, throughput)
+                status = _report(pending, log, tokens_per_step, cfg, progress, ckpt, clock, throughput)
                 if status:
                     break
             pending = (step, metrics)
@@ -157,14 +162,14 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
             validating = val_data is not None and (final or (cfg.train.eval_every > 0
                                                              and step % cfg.train.eval_every == 0))
             if validating or step % cfg.train.checkpoint_every == 0 or final or stopping:
-                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt, clock, throughput)
+                status = _report(pending, log, tokens_per_step, cfg, progress, ckpt, clock, throughput)
                 pending = None
                 if status:
                     break
                 if validating:
                     # Before the save: once this step's checkpoint exists, its validation row exists too, so a
                     # resume from it never lacks the row (a row logged past the restored step is trimmed).
-                    record_validation(cfg, runner, state, val_data, step, metrics_path)
+                    record_validation(cfg, runner, state, val_data, step, log)
                     clock.restart()  # the validation pass is not part of the next step's time
                 if step % cfg.train.checkpoint_every == 0 or final or stopping:
                     runner.save(ckpt, step, state, {"step": step, "data": train_data.get_state(),
@@ -176,13 +181,14 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
                     break
         else:
             if pending is not None:
-                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt, clock, throughput)
+                status = _report(pending, log, tokens_per_step, cfg, progress, ckpt, clock, throughput)
             if start >= cfg.train.steps and val_data is not None:  # nothing trained: the run's result again
-                record_validation(cfg, runner, state, val_data, start, metrics_path)
+                record_validation(cfg, runner, state, val_data, start, log)
         failed = False
     finally:
         progress.close()
         stop.restore()
+        log.close()
         try:
             ckpt.close()
         except WriteError:
@@ -190,13 +196,13 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
                 raise
 
     if is_main:
-        print(f"workdir: {os.path.abspath(workdir)}")
+        print(f"workdir: {storage.absolute(workdir)}")
     return status
 
 
 def _initial_state(cfg, runner, ckpt_dir: str, train_data):
     """(state, start step, [(unrestorable step, reason)]): resume > train.init_from > fresh. Writes nothing."""
-    if os.path.isdir(ckpt_dir):
+    if storage.isdir(ckpt_dir):
         reader = Checkpointer(ckpt_dir, read_only=True, async_save=False)
         try:
             start, restored, unrestorable = reader.restore_newest(lambda s: runner.restore(reader, s))
@@ -261,7 +267,7 @@ class _StepClock:
         return elapsed
 
 
-def _report(pending, metrics_path: str, tokens_per_step: int, cfg, progress, ckpt: Checkpointer,
+def _report(pending, log: MetricsLog, tokens_per_step: int, cfg, progress, ckpt: Checkpointer,
             clock: _StepClock, throughput: Throughput) -> int:
     """Fetch one step's metrics (blocks until it finished) and log them; returns the exit status so far.
 
@@ -283,7 +289,7 @@ def _report(pending, metrics_path: str, tokens_per_step: int, cfg, progress, ckp
     progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}", refresh=False)
     if jax.process_index() == 0 and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
         row.update(throughput.columns(row["tokens_per_sec"]))
-        workdir_lib.append_metrics(metrics_path, row)
+        log.append(row)
     return 0
 
 
@@ -305,7 +311,7 @@ def evaluate(cfg, runner, state, data) -> dict | None:
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": weight_sum}
 
 
-def record_validation(cfg, runner, state, data, step: int, metrics_path: str) -> dict:
+def record_validation(cfg, runner, state, data, step: int, log: MetricsLog) -> dict:
     """Run `evaluate` (every process: it is collective), print it and log it as a metrics row of its own,
     `{"step", "val_loss", "val_perplexity", "val_tokens"}` (process 0), unless that step's row is already there
     (a finished run started again)."""
@@ -313,8 +319,8 @@ def record_validation(cfg, runner, state, data, step: int, metrics_path: str) ->
     _log(f"validation at step {step}: loss {result['val_loss']:.4f}  perplexity {result['val_perplexity']:.2f}  "
          f"({int(result['val_tokens'])} scored tokens)")
     row = {"step": step, **result}
-    if jax.process_index() == 0 and not workdir_lib.has_row(metrics_path, step, "val_loss"):
-        workdir_lib.append_metrics(metrics_path, row)
+    if not log.has_row(step, "val_loss"):
+        log.append(row)
     return row
 
 

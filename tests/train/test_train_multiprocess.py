@@ -66,6 +66,7 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
     # Logs and metrics come from process 0 only.
     assert "workdir:" in outputs[0][0] and "workdir:" not in outputs[1][0]
     assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["3", "6"]
+    assert len(os.listdir(tmp_path / "multi" / "tensorboard")) == 1  # one event file: process 0's
 
     monkeypatch.setattr(pipeline, "build_iterator", _BothShards)
     assert run(config_lib.load(TINY, list(ARGS)), str(tmp_path / "single"), devices=jax.devices()[:2]) == 0
