@@ -6,9 +6,9 @@ calls (fsync, atomic `os.replace`), a URL (`gs://bucket/run`, or any scheme etil
 `etils.epath`, which reaches GCS through gcsfs. Arrays are not written here: Orbax writes checkpoints to the same
 URLs through TensorStore.
 
-Atomic writes keep the local guarantee on GCS: the text goes to a temporary object beside the target, which is
-then renamed (copied and deleted) into place, so a reader sees the old object or the whole new one. A GCS object
-is immutable, so an append rewrites the object the same way.
+Atomic writes keep the local guarantee on GCS: locally the text goes to a temporary file that is renamed into
+place; on GCS a single object upload is itself atomic (a reader sees the old object or the whole new one), so the
+object is uploaded in one request. A GCS object is immutable, so an append re-uploads the whole object.
 
 Tests point GCS at a local emulator: `STORAGE_EMULATOR_HOST` (gcsfs, google-cloud-storage) and
 `TENSORSTORE_GCS_HTTP_URL` (TensorStore).
@@ -41,7 +41,18 @@ def set_tensorstore_timeouts() -> None:
         os.environ.setdefault(key, value)
 
 
+_FSSPEC_CONFIGURED = False
+
+
 def _epath(path):
+    global _FSSPEC_CONFIGURED
+    if not _FSSPEC_CONFIGURED:
+        # No cached listings: checkpoints are written by TensorStore and by other processes, which gcsfs's listing
+        # cache would not see (a resume would miss the newest step).
+        import fsspec.config
+        for protocol in ("gs", "gcs"):
+            fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+        _FSSPEC_CONFIGURED = True
     from etils import epath
     return epath.Path(os.fspath(path))
 
@@ -121,8 +132,9 @@ def write_atomic(path, data: str | bytes) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         if is_url(path):
-            _epath(tmp).write_bytes(raw)
-            _epath(tmp).replace(path)
+            # One object upload is already atomic on GCS (readers see the old object or the whole new one, never
+            # a part), so no temporary object: a rename there is a server-side copy plus a delete.
+            _epath(path).write_bytes(raw)
         else:
             with open(tmp, "wb") as f:
                 f.write(raw)
