@@ -27,21 +27,25 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxctx import storage
 from jaxctx.errors import CheckpointError, UserFileNotFoundError, WriteError
 
 ITEMS = ("params", "opt_state", "meta")
 
 
 def checkpoint_dir(path: str | os.PathLike) -> str:
-    """A checkpoint root from either a checkpoint root or a training workdir (which has `checkpoints/`)."""
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.exists(path):
-        raise UserFileNotFoundError(f"checkpoint path {path} does not exist")
-    if not os.path.isdir(path):
+    """A checkpoint root from either a checkpoint root or a training workdir (which has `checkpoints/`).
+
+    Local paths and gs:// URLs alike (a GCS "directory" is a prefix with objects under it).
+    """
+    path = storage.absolute(path)
+    if not storage.isdir(path):
+        if not storage.exists(path):
+            raise UserFileNotFoundError(f"checkpoint path {path} does not exist")
         raise CheckpointError(f"checkpoint path {path} is a file; give a checkpoint directory or a training "
                               f"workdir")
-    sub = os.path.join(path, "checkpoints")
-    return sub if os.path.isdir(sub) else path
+    sub = storage.join(path, "checkpoints")
+    return sub if storage.isdir(sub) else path
 
 
 def describe_failure(err: BaseException) -> str:
@@ -54,15 +58,15 @@ def describe_failure(err: BaseException) -> str:
 
 def quarantine(directory: str, step: int) -> str:
     """Move `directory/<step>` to `<directory>.unrestorable/<step>` (kept for the user, invisible to Orbax)."""
-    target_root = os.path.abspath(directory) + ".unrestorable"
-    target = os.path.join(target_root, str(step))
+    target_root = storage.absolute(directory) + ".unrestorable"
+    target = storage.join(target_root, str(step))
     n = 2
-    while os.path.exists(target):
-        target = os.path.join(target_root, f"{step}-{n}")
+    while storage.exists(target):
+        target = storage.join(target_root, f"{step}-{n}")
         n += 1
     try:
-        os.makedirs(target_root, exist_ok=True)
-        shutil.move(os.path.join(directory, str(step)), target)
+        storage.makedirs(target_root)
+        storage.move_tree(storage.join(directory, str(step)), target)
     except OSError as err:
         raise WriteError(f"could not move the unrestorable checkpoint {directory}/{step} aside to {target}: "
                          f"{err}") from None
@@ -70,7 +74,7 @@ def quarantine(directory: str, step: int) -> str:
 
 
 def _warn_incomplete(directory: str) -> None:
-    leftovers = sorted(name for name in os.listdir(directory) if "orbax-checkpoint-tmp" in name)
+    leftovers = [name for name in storage.listdir(directory) if "orbax-checkpoint-tmp" in name]
     if leftovers:
         warnings.warn(f"{directory}: skipping incomplete checkpoint(s) {', '.join(leftovers)} (a save was "
                       f"interrupted); using the latest complete step", stacklevel=3)
@@ -81,10 +85,10 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
                  read_only: bool = False):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = storage.absolute(directory)
         _quiet_failed_write_noise()
         if not read_only:
-            os.makedirs(self.directory, exist_ok=True)
+            storage.makedirs(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=not read_only, read_only=read_only,
                                                cleanup_tmp_directories=False)
@@ -100,8 +104,7 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
-        if os.path.isdir(self.directory):
-            _warn_incomplete(self.directory)
+        _warn_incomplete(self.directory)
         steps = self.steps()
         return steps[-1] if steps else None
 
@@ -112,8 +115,7 @@ class Checkpointer:
         directory has no steps. Every failure is warned about, naming the step and the reason. If steps exist
         but none restores, raises CheckpointError listing each step's reason.
         """
-        if os.path.isdir(self.directory):
-            _warn_incomplete(self.directory)
+        _warn_incomplete(self.directory)
         bad: list[tuple[int, str]] = []
         for step in reversed(self.steps()):
             try:
@@ -147,6 +149,8 @@ class Checkpointer:
 
     def _check_free_space(self, step: int, trees) -> None:
         """WriteError before writing if the filesystem cannot hold this step (Orbax would fail midway)."""
+        if storage.is_url(self.directory):
+            return  # object storage has no free-space figure; a failed upload is reported by the write
         need = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(trees)) // max(jax.process_count(), 1)
         try:
             free = shutil.disk_usage(self.directory).free
@@ -276,7 +280,7 @@ def _latest_complete(ckpt: Checkpointer, directory: str, step: int | None) -> in
         step = ckpt.latest_step()
         if step is None:
             raise UserFileNotFoundError(f"no complete checkpoint in {directory} (it holds: "
-                                  f"{', '.join(sorted(os.listdir(directory))[:8]) or 'nothing'})")
+                                  f"{', '.join(storage.listdir(directory)[:8]) or 'nothing'})")
     elif step not in ckpt.steps():
         raise UserFileNotFoundError(f"{directory} has no checkpoint step {step}; it has steps "
                                     f"{', '.join(map(str, ckpt.steps())) or 'none'}")

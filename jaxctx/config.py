@@ -323,6 +323,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     keep_best: str | None = None  # task models: keep the checkpoint with the best value of this validation metric
                                   # (e.g. accuracy, macro_f1, entity_f1, val_loss) in WORKDIR/best/; None = off
+    peak_tflops: float | None = None  # peak TFLOP/s per device for metrics' mfu; None = data-sheet table (none on CPU)
+    wandb_project: str | None = None  # also log metrics to this Weights & Biases project (pip install wandb)
+    wandb_mode: str = "online"  # online | offline (files under ./wandb, `wandb sync` later) | disabled
 
     def validate(self) -> None:
         for name in ("batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum",
@@ -332,6 +335,10 @@ class TrainConfig:
             raise ConfigError(f"train.stop_after={self.stop_after} must be >= 0 (0 = run to train.steps)")
         _check_choice("train.optimizer", self.optimizer, ("adamw", "adafactor", "lion"))
         _check_choice("train.decay", self.decay, ("cosine", "linear", "constant"))
+        _check_choice("train.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"train.peak_tflops={self.peak_tflops} must be a positive number of TFLOP/s per "
+                              f"device (or null for the data-sheet table)")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"train.batch_size={self.batch_size} must be divisible by "
                               f"train.grad_accum={self.grad_accum}")

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from jaxctx import config as config_lib
+from jaxctx import storage
 from jaxctx.checkpoint import (Checkpointer, check_params_match, checkpoint_dir, load_params, params_metadata,
                                quarantine)
 from jaxctx.data.labels import save_labels
@@ -29,8 +30,10 @@ from jaxctx.parallel import data_group, make_mesh
 from jaxctx.platform import check_platform
 from jaxctx.train import task_eval, warm_start
 from jaxctx.train import workdir as workdir_lib
+from jaxctx.train.metrics_log import MetricsLog, check_available
 from jaxctx.train.runner import make_runner
 from jaxctx.train.step import check_task_data
+from jaxctx.train.throughput import Throughput
 
 DEFAULT_WORKDIR_ROOT = "workdirs"
 
@@ -90,14 +93,16 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
     """
     process_index, process_count = _process_info()
     is_main = process_index == 0
-    metrics_path = os.path.join(workdir, workdir_lib.METRICS_FILE)
-    ckpt_dir = os.path.join(workdir, workdir_lib.CHECKPOINTS)
+    storage.set_tensorstore_timeouts()  # before TensorStore first runs (checkpoints on gs://)
+    metrics_path = storage.join(workdir, workdir_lib.METRICS_FILE)
+    ckpt_dir = storage.join(workdir, workdir_lib.CHECKPOINTS)
 
     # --- pre-flight: nothing in this section writes a file ------------------------------------------------
     plan = workdir_lib.plan_start(cfg, workdir)  # refuses a workdir of another model before any work
     check_task_data(cfg)  # a task model needs labelled batches
     task_eval.check_keep_best(cfg)
-    if cfg.train.init_from and not os.path.isdir(ckpt_dir):
+    check_available(cfg)  # a configured W&B without the package fails now, before anything is written
+    if cfg.train.init_from and not storage.isdir(ckpt_dir):
         checkpoint_dir(cfg.train.init_from)  # a missing init_from fails now, not after the data is prepared
     # Data first: tokenization may fork worker processes, which must happen before JAX starts its backend threads.
     import datasets
@@ -131,13 +136,14 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
             save_labels(workdir, train_data.labels, {"source": cfg.data.source, "task": cfg.data.task})
     _sync_processes("jaxctx-start")
     ckpt = Checkpointer(ckpt_dir, keep=cfg.train.keep_checkpoints)
+    log = MetricsLog(cfg, workdir, start=start, enabled=is_main)
     if start > 0:
         _log(f"resumed from {ckpt.directory} at step {start}")
         if start >= cfg.train.steps:
             _log(f"already at train.steps={cfg.train.steps}: nothing to train (raise train.steps to continue)")
     elif cfg.train.init_from:
         _log(f"initialised params from {cfg.train.init_from} (fresh optimizer)")
-    _log(f"workdir: {os.path.abspath(workdir)}  |  mesh {dict(mesh.shape)}  |  "
+    _log(f"workdir: {storage.absolute(workdir)}  |  mesh {dict(mesh.shape)}  |  "
          f"{runner.param_count() / 1e6:.2f}M params  |  attention={cfg.model.attention}")
 
     best = task_eval.BestKeeper(workdir, cfg.train.keep_best)
@@ -146,27 +152,36 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
     progress = _progress(start, cfg.train.steps, enabled=is_main)
     pending = None  # (step, metrics on device): fetched one step late so dispatch never stalls
     clock = _StepClock(devices=mesh.size)
+    throughput = Throughput(cfg, runner.abstract_params(), list(mesh.devices.flat))
     status, step = 0, start
+    last_validation = None
     failed = True
     try:
         for step in range(start + 1, cfg.train.steps + 1):
             batch = runner.put_batch(next(train_data))
             state, metrics = runner.step(state, batch)
             if pending is not None:
-                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt, clock)
+                status = _report(pending, log, tokens_per_step, cfg, progress, ckpt, clock, throughput)
                 if status:
                     break
             pending = (step, metrics)
+            final = step == cfg.train.steps
             stopping = step == cfg.train.stop_after or stop.requested()
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                _evaluate_and_log(cfg, runner, state, val_data, step, metrics_path, best, train_data)
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or stopping:
-                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt, clock)
+            validating = val_data is not None and (final or (cfg.train.eval_every > 0
+                                                             and step % cfg.train.eval_every == 0))
+            if validating or step % cfg.train.checkpoint_every == 0 or final or stopping:
+                status = _report(pending, log, tokens_per_step, cfg, progress, ckpt, clock, throughput)
                 pending = None
                 if status:
                     break
-                runner.save(ckpt, step, state, {"step": step, "data": train_data.get_state(),
-                                                "config": cfg.to_dict()})
+                if validating:
+                    # Before the save: once this step's checkpoint exists, its validation row exists too, so a
+                    # resume from it never lacks the row (a row logged past the restored step is trimmed).
+                    last_validation = record_validation(cfg, runner, state, val_data, step, log, best, train_data)
+                    clock.restart()  # the validation pass is not part of the next step's time
+                if step % cfg.train.checkpoint_every == 0 or final or stopping:
+                    runner.save(ckpt, step, state, {"step": step, "data": train_data.get_state(),
+                                                    "config": cfg.to_dict()})
                 if stopping:
                     reason = f"{stop.signal} received" if stop.signal else "train.stop_after reached"
                     ckpt.wait()
@@ -174,26 +189,25 @@ def run(cfg: config_lib.Config, workdir: str, *, devices=None) -> int:
                     break
         else:
             if pending is not None:
-                status = _report(pending, metrics_path, tokens_per_step, cfg, progress, ckpt, clock)
+                status = _report(pending, log, tokens_per_step, cfg, progress, ckpt, clock, throughput)
+            if start >= cfg.train.steps and val_data is not None:  # nothing trained: the run's result again
+                last_validation = record_validation(cfg, runner, state, val_data, start, log, best,
+                                                    train_data)
         failed = False
     finally:
         progress.close()
         stop.restore()
+        log.close()
         try:
             ckpt.close()
         except WriteError:
             if not failed:  # an error already on its way out is the one to report
                 raise
 
-    if status == 0 and step == cfg.train.steps:
-        if cfg.model.task == "lm" and not cfg.train.keep_best:
-            evaluate(cfg, runner, state, val_data)
-        else:  # a task model's final metrics (and per-class report) are logged and may be the best
-            result = _evaluate_and_log(cfg, runner, state, val_data, step, metrics_path, best, train_data)
-            if result and result.get("report") and is_main:
-                print(task_eval.format_report(result["report"]))
+    if status == 0 and step == cfg.train.steps and last_validation and last_validation.get("report") and is_main:
+        print(task_eval.format_report(last_validation["report"]))  # a task model's per-class report
     if is_main:
-        print(f"workdir: {os.path.abspath(workdir)}")
+        print(f"workdir: {storage.absolute(workdir)}")
     return status
 
 
@@ -210,7 +224,7 @@ def _data(cfg, index: int, count: int):
 
 def _initial_state(cfg, runner, ckpt_dir: str, train_data):
     """(state, start step, [(unrestorable step, reason)]): resume > train.init_from > fresh. Writes nothing."""
-    if os.path.isdir(ckpt_dir):
+    if storage.isdir(ckpt_dir):
         reader = Checkpointer(ckpt_dir, read_only=True, async_save=False)
         try:
             start, restored, unrestorable = reader.restore_newest(lambda s: runner.restore(reader, s))
@@ -267,14 +281,18 @@ class _StepClock:
         self.devices = devices
         self.last_done = time.perf_counter()  # the first step's time includes its compilation
 
+    def restart(self) -> None:
+        """Time the next step from now (after work that is not a step: a validation pass)."""
+        self.last_done = time.perf_counter()
+
     def lap(self) -> float:
         now = time.perf_counter()
         elapsed, self.last_done = now - self.last_done, now
         return elapsed
 
 
-def _report(pending, metrics_path: str, tokens_per_step: int, cfg, progress, ckpt: Checkpointer,
-            clock: _StepClock) -> int:
+def _report(pending, log: MetricsLog, tokens_per_step: int, cfg, progress, ckpt: Checkpointer,
+            clock: _StepClock, throughput: Throughput) -> int:
     """Fetch one step's metrics (blocks until it finished) and log them; returns the exit status so far.
 
     A non-finite loss or gradient, or a batch with no scored token (the step skipped its update for either),
@@ -294,12 +312,17 @@ def _report(pending, metrics_path: str, tokens_per_step: int, cfg, progress, ckp
     progress.update(1)
     progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}", refresh=False)
     if jax.process_index() == 0 and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
-        workdir_lib.append_metrics(metrics_path, row)
+        row.update(throughput.columns(row["tokens_per_sec"]))
+        log.append(row)
     return 0
 
 
 def evaluate(cfg, runner, state, data) -> dict | None:
-    """Validation loss and perplexity over `train.eval_batches` held-out batches (None if there is no split)."""
+    """Validation loss and perplexity over `train.eval_batches` held-out batches (None if there is no split).
+
+    Always the same batches (the split is read from its start), so passes at different steps are comparable and a
+    resumed run's pass equals the uninterrupted run's.
+    """
     if data is None:
         return None
     data.seek(0)
@@ -309,24 +332,23 @@ def evaluate(cfg, runner, state, data) -> dict | None:
         l_sum, w_sum = jax.device_get(runner.eval(state, batch))
         loss_sum, weight_sum = loss_sum + float(l_sum), weight_sum + float(w_sum)
     loss = loss_sum / max(weight_sum, 1.0)
-    result = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": weight_sum}
-    _log(f"validation: loss {loss:.4f}  perplexity {result['val_perplexity']:.2f}  "
-         f"({int(weight_sum)} scored tokens)")
-    return result
+    return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": weight_sum}
 
 
-def _evaluate_and_log(cfg, runner, state, data, step: int, metrics_path: str, best, train_data) -> dict | None:
-    """A validation pass at `step`: its numbers go to metrics.jsonl (task models: the task metrics too) and, with
+def record_validation(cfg, runner, state, data, step: int, log: MetricsLog, best, train_data) -> dict:
+    """A validation pass at `step` (every process: it is collective): printed, and logged as a metrics row of its
+    own (process 0) -- `{"step", "val_loss", "val_perplexity", "val_tokens"}` for language models, the task
+    metrics for task models -- unless that step's row is already there (a finished run started again). With
     train.keep_best, an improved metric saves the checkpoint into WORKDIR/best/."""
-    if data is None:
-        return None
     if cfg.model.task == "lm":
         result = evaluate(cfg, runner, state, data)
+        _log(f"validation at step {step}: loss {result['val_loss']:.4f}  perplexity {result['val_perplexity']:.2f}  "
+             f"({int(result['val_tokens'])} scored tokens)")
     else:
         result = task_eval.evaluate_task(cfg, runner, state, data, log=_log)
     row = {"step": step, **{k: v for k, v in result.items() if isinstance(v, (int, float))}}
-    if jax.process_index() == 0:
-        workdir_lib.append_metrics(metrics_path, row)
+    if not log.has_row(step, "val_loss"):
+        log.append(row)
     if best.update(step, result, runner, state, {"step": step, "data": train_data.get_state(),
                                                  "config": cfg.to_dict()}):
         _log(f"best {best.metric} so far ({best.best:.4f}): checkpoint of step {step} kept in {best.directory}")

@@ -17,7 +17,6 @@ pre-flight check of the run has passed.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import re
@@ -25,6 +24,7 @@ import re
 import yaml
 
 from jaxctx import config as config_lib
+from jaxctx import storage
 from jaxctx.errors import WorkdirError, WriteError
 
 CONFIG_FILE = "config.yaml"
@@ -39,7 +39,8 @@ RESUMABLE_KEYS = {
     "data": {"num_proc", "cache_dir"},  # how the same token stream is produced
     "train": {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches", "keep_best",
               "init_from", "stop_after", "learning_rate", "warmup_steps", "decay", "min_lr_ratio", "weight_decay",
-              "beta1", "beta2", "grad_clip", "grad_accum"},
+              "beta1", "beta2", "grad_clip", "grad_accum", "peak_tflops",
+              "wandb_project", "wandb_mode"},
     "parallel": None,  # None = every key: a run restores onto any mesh, jit or pmap, any number of processes
 }
 
@@ -72,17 +73,16 @@ def _record_step(path: str) -> tuple[int, int]:
 
 def config_records(workdir: str) -> list[str]:
     """The workdir's config records, oldest first."""
-    paths = glob.glob(os.path.join(glob.escape(workdir), "config.resumed-*.yaml"))
-    first = os.path.join(workdir, CONFIG_FILE)
-    if os.path.isfile(first):
-        paths.append(first)
+    names = storage.listdir(workdir)
+    paths = [storage.join(workdir, n) for n in names if re.fullmatch(r"config\.resumed-\d+(-\d+)?\.yaml", n)]
+    if CONFIG_FILE in names:
+        paths.append(storage.join(workdir, CONFIG_FILE))
     return sorted(paths, key=_record_step)
 
 
 def _read_record(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f)
+        values = yaml.safe_load(storage.read_bytes(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise WorkdirError(f"{path} cannot be read as the workdir's config record ({type(err).__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else ''}); restore it, or use another "
@@ -93,7 +93,12 @@ def _read_record(path: str) -> dict:
 
 
 def check_usable(workdir: str) -> None:
-    """The workdir is a directory (or can be made one) that this process may write into."""
+    """The workdir is a directory (or can be made one) that this process may write into.
+
+    A URL (gs://bucket/run) is not checked here: its bucket and permissions are GCS's to say, on the first write.
+    """
+    if storage.is_url(workdir):
+        return
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise WorkdirError(f"workdir {workdir} exists and is not a directory; pass --workdir DIR naming a "
                            f"directory (new or a previous run's)")
@@ -111,12 +116,11 @@ def check_usable(workdir: str) -> None:
 
 def _checkpoint_config(workdir: str) -> dict | None:
     """The config in the newest checkpoint's meta (read as plain JSON: no Orbax, no JAX backend), if any."""
-    root = os.path.join(workdir, CHECKPOINTS)
-    steps = sorted((int(n) for n in os.listdir(root) if n.isdigit()), reverse=True) if os.path.isdir(root) else []
+    root = storage.join(workdir, CHECKPOINTS)
+    steps = sorted((int(n) for n in storage.listdir(root) if n.isdigit()), reverse=True)
     for step in steps:
         try:
-            with open(os.path.join(root, str(step), "meta", "metadata"), encoding="utf-8") as f:
-                meta = json.load(f)
+            meta = json.loads(storage.read_bytes(storage.join(root, str(step), "meta", "metadata")))
         except (OSError, ValueError):
             continue  # a corrupt newest step: the restore will say so; an older one still tells the config
         if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
@@ -131,16 +135,17 @@ def plan_start(cfg: config_lib.Config, workdir: str) -> StartPlan:
     older jaxctx) is compared with the config saved in its newest readable checkpoint.
     """
     check_usable(workdir)
-    records = config_records(workdir) if os.path.isdir(workdir) else []
-    checkpoint_config = None if records or not os.path.isdir(workdir) else _checkpoint_config(workdir)
+    is_dir = storage.isdir(workdir)
+    records = config_records(workdir) if is_dir else []
+    checkpoint_config = None if records or not is_dir else _checkpoint_config(workdir)
     if records:
         recorded, record = _read_record(records[-1]), records[-1]
     elif checkpoint_config is not None:
-        recorded, record = checkpoint_config, os.path.join(workdir, CHECKPOINTS)
+        recorded, record = checkpoint_config, storage.join(workdir, CHECKPOINTS)
     else:
         for name in (METRICS_FILE, CHECKPOINTS):
-            if os.path.exists(os.path.join(workdir, name)) and (name != CHECKPOINTS or os.listdir(
-                    os.path.join(workdir, name))):
+            if storage.exists(storage.join(workdir, name)) and (name != CHECKPOINTS or storage.listdir(
+                    storage.join(workdir, name))):
                 raise WorkdirError(f"workdir {workdir} has {name} but no {CONFIG_FILE} or readable checkpoint "
                                    f"config, so it is not a jaxctx run this command can continue; use another "
                                    f"--workdir")
@@ -168,50 +173,53 @@ def commit_start(plan: StartPlan, cfg: config_lib.Config, step: int) -> str | No
     Returns the path written, or None if nothing changed. Never overwrites an existing record.
     """
     try:
-        os.makedirs(plan.workdir, exist_ok=True)
+        storage.makedirs(plan.workdir)
     except OSError as err:
         raise WriteError(f"cannot create workdir {plan.workdir}: {err}") from None
     text = config_lib.to_yaml(cfg)
     if plan.record is None or not config_records(plan.workdir):
-        path = os.path.join(plan.workdir, CONFIG_FILE)
-        if os.path.exists(path):  # pragma: no cover - plan_start saw no record; another process made one
+        path = storage.join(plan.workdir, CONFIG_FILE)
+        if storage.exists(path):  # pragma: no cover - plan_start saw no record; another process made one
             raise WorkdirError(f"{path} appeared while this run was starting; is another run using the workdir?")
         write_atomic(path, text)
         return path
     if not plan.changed:
         return None
     header = "".join(f"# {key}: {old!r} -> {new!r}\n" for key, (old, new) in sorted(plan.changed.items()))
-    path = _free_name(os.path.join(plan.workdir, f"config.resumed-{step}.yaml"))
+    path = _free_name(storage.join(plan.workdir, f"config.resumed-{step}.yaml"))
     write_atomic(path, f"# config of the run continued at step {step}; changed from the previous record:\n"
                        f"{header}{text}")
     return path
 
 
 def _free_name(path: str) -> str:
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return path
     stem = path[: -len(".yaml")]
     n = 2
-    while os.path.exists(f"{stem}-{n}.yaml"):
+    while storage.exists(f"{stem}-{n}.yaml"):
         n += 1
     return f"{stem}-{n}.yaml"
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Write `text` to a temp file beside `path`, then rename it into place (a crash leaves the old file)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
+    """Write `text` to a temp file beside `path`, then move it into place (a crash leaves the old file)."""
+    storage.write_atomic(path, text)
+
+
+def _rows(path: str) -> tuple[list[str], list[dict | None]]:
+    """metrics.jsonl's lines and their parsed rows (None for a line that is not a JSON object)."""
+    if not storage.exists(path):
+        return [], []
+    lines = storage.read_text(path).splitlines(keepends=True)
+    rows = []
+    for line in lines:
         try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise WriteError(f"could not write {path}: {err}; the previous file is unchanged") from None
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        rows.append(row if isinstance(row, dict) else None)
+    return lines, rows
 
 
 def truncate_metrics(path: str, last_step: int) -> None:
@@ -219,18 +227,8 @@ def truncate_metrics(path: str, last_step: int) -> None:
 
     A row cut short by a crash (the last line, unparseable) is dropped too.
     """
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and row.get("step", 0) <= last_step:
-            kept.append(json.dumps(row) + "\n")
+    lines, rows = _rows(path)
+    kept = [json.dumps(row) + "\n" for row in rows if row is not None and row.get("step", 0) <= last_step]
     if kept != lines:
         write_atomic(path, "".join(kept))
 
@@ -238,8 +236,11 @@ def truncate_metrics(path: str, last_step: int) -> None:
 def append_metrics(path: str, row: dict) -> None:
     """Append one JSON row; a failed write (disk full) is a WriteError naming the file."""
     try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+        storage.append_text(path, json.dumps(row) + "\n")
     except OSError as err:
         raise WriteError(f"could not append step {row.get('step')} to {path}: {err}") from None
+
+
+def has_row(path: str, step: int, key: str) -> bool:
+    """Whether metrics.jsonl already holds a row for `step` carrying `key` (e.g. that step's validation)."""
+    return any(row is not None and row.get("step") == step and key in row for row in _rows(path)[1])

@@ -160,6 +160,22 @@ def test_byte_model_export_works_in_transformers(hf, byte_run):
     assert config_lib.to_yaml(cfg) in card  # the full config, as the workdir recorded it
 
 
+def test_model_card_shows_the_validation_the_loop_printed(tmp_path, capsys):
+    """The loop records its validation pass in metrics.jsonl; the export's card quotes that row."""
+    import re
+
+    _train(tmp_path / "work", ["data.validation_fraction=0.2", "train.eval_batches=1"])
+    printed = re.search(r"validation at step 3: loss (\S+)  perplexity (\S+)", capsys.readouterr().err)
+    assert printed, "the loop printed no validation line"
+    out = _export(tmp_path / "work", tmp_path / "hf")
+    card = open(os.path.join(out, "README.md")).read()
+    shown = re.search(r"Validation: val_loss (\S+), val_perplexity (\S+) at step 3 \(metrics.jsonl\)", card)
+    assert shown, card
+    assert f"{float(shown.group(1)):.4f}" == printed.group(1)
+    assert f"{float(shown.group(2)):.2f}" == printed.group(2)
+    assert float(shown.group(2)) == pytest.approx(np.exp(float(shown.group(1))), rel=1e-3)
+
+
 def test_model_card_reports_only_recorded_values():
     from jaxctx.convert.model_card import model_card
 

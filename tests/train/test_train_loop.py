@@ -22,9 +22,18 @@ def tiny(*overrides):
     return config_lib.load(TINY, list(overrides))
 
 
-def read_metrics(workdir):
+def read_all_rows(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def read_metrics(workdir):
+    """The training rows (validation passes are rows of their own, with val_* keys and no loss)."""
+    return [r for r in read_all_rows(workdir) if "loss" in r]
+
+
+def val_rows(workdir):
+    return [r for r in read_all_rows(workdir) if "val_loss" in r]
 
 
 def test_loss_decreases_and_workdir_is_complete(tmp_path, capsys):
@@ -39,7 +48,32 @@ def test_loss_decreases_and_workdir_is_complete(tmp_path, capsys):
     assert config_lib.load(tmp_path / "config.yaml") == cfg  # the saved config is the resolved one
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["30", "40"]
     err = capsys.readouterr()
-    assert "validation: loss" in err.err and str(tmp_path) in err.out
+    assert "validation at step 40: loss" in err.err and str(tmp_path) in err.out
+    [val] = val_rows(tmp_path)  # recorded as printed: the final pass, a row of its own
+    assert val["step"] == 40 and val["val_tokens"] > 0
+    assert f"loss {val['val_loss']:.4f}  perplexity {val['val_perplexity']:.2f}" in err.err
+    assert val["val_perplexity"] == pytest.approx(np.exp(val["val_loss"]))
+
+
+def test_validation_rows_on_resume_equal_an_uninterrupted_run(tmp_path, capsys):
+    """train.eval_every passes are rows of metrics.jsonl; stopped at step 4 and resumed, the training and the
+    validation rows equal the uninterrupted run's bit for bit, and starting the finished run again evaluates it
+    but does not log its validation twice."""
+    base = ("train.steps=8", "train.log_every=1", "train.checkpoint_every=4", "train.eval_every=4",
+            "data.max_documents=20", "data.seq_len=64", "model.num_layers=1")
+    one = jax.devices()[:1]
+    assert run(tiny(*base), str(tmp_path / "full"), devices=one) == 0
+    assert run(tiny(*base, "train.stop_after=4"), str(tmp_path / "part"), devices=one) == 0
+    assert [r["step"] for r in val_rows(tmp_path / "part")] == [4]
+    assert run(tiny(*base), str(tmp_path / "part"), devices=one) == 0
+    want, got = read_all_rows(tmp_path / "full"), read_all_rows(tmp_path / "part")
+    assert [r["step"] for r in val_rows(tmp_path / "full")] == [4, 8]
+    keys = ("step", "loss", "grad_norm", "lr", "val_loss", "val_perplexity", "val_tokens")
+    assert [{k: r.get(k) for k in keys} for r in got] == [{k: r.get(k) for k in keys} for r in want]
+    capsys.readouterr()
+    assert run(tiny(*base), str(tmp_path / "part"), devices=one) == 0
+    assert "validation at step 8" in capsys.readouterr().err
+    assert read_all_rows(tmp_path / "part") == got
 
 
 def _host(tree):
@@ -219,7 +253,8 @@ def test_step_time_is_each_steps_own_wall_time(tmp_path, monkeypatch):
     append = workdir_lib.append_metrics
 
     def timed_append(path, row):
-        appended.append(time.perf_counter())
+        if "loss" in row:  # training rows (the final validation pass appends a row of its own)
+            appended.append(time.perf_counter())
         append(path, row)
 
     monkeypatch.setattr(loop, "make_runner", slow_runner)

@@ -87,6 +87,7 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
     # Logs and metrics come from process 0 only.
     assert "workdir:" in results[0][1] and "workdir:" not in results[1][1]
     assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["3", "6"]
+    assert len(os.listdir(tmp_path / "multi" / "tensorboard")) == 1  # one event file: process 0's
 
     monkeypatch.setattr(pipeline, "build_iterator", _BothShards)
     assert run(config_lib.load(TINY, list(ARGS)), str(tmp_path / "single"), devices=jax.devices()[:2]) == 0
