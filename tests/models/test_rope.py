@@ -75,7 +75,11 @@ def test_cos_sin_equal_transformers(case):
     assert cos.shape == sin.shape == (2, t, 1, DH) and cos.dtype == jnp.float32
     err = max(np.abs(np.asarray(cos)[:, :, 0] - want_cos).max(), np.abs(np.asarray(sin)[:, :, 0] - want_sin).max())
     print(f"rope {case}: max |cos/sin - transformers| = {err:.2e}")
-    assert err < TOL, err
+    # Untruncated yarn with rope_theta=500 blends frequencies that transformers (5.25) takes through torch's float32
+    # pow: they come out within 2 ulp of ours (measured: 0/1/2 ulp per frequency), and an ulp of a frequency near 1
+    # moves the angle at position p by p * 6e-8 (3.7e-6 at p = 95). Bound: 2 ulp per angle, as for dynamic below.
+    tol = TOL + (2 * 6e-8 * positions.max() * 1.04 if case == "yarn_mscale_betas_untruncated" else 0.0)
+    assert err < tol, (err, tol)
 
 
 def test_dynamic_far_beyond_the_context():
