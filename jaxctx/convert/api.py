@@ -254,7 +254,7 @@ def export_checkpoint(src: str, out_dir: str, *, force: bool = False, dtype: str
     params, meta = load_params(src, step=step)
     if "config" not in meta:
         raise ConvertError(f"{root}: checkpoint meta has no \"config\"; cannot tell which model it holds")
-    cfg = config_lib.from_dict(meta["config"]).resolved()
+    cfg = _with_workdir_labels(config_lib.from_dict(meta["config"]).resolved(), src, root)
     side_dir = _side_dir(src, root, cfg)
     hf_config = None
     if side_dir and os.path.isfile(os.path.join(side_dir, io.CONFIG_FILE)):
@@ -297,6 +297,24 @@ def _choose_tokenizer(root: str, cfg: Config, meta: dict, side_dir: str | None, 
     state = "holds no tokenizer files" if os.path.isdir(recorded) else "does not exist (moved or deleted?)"
     raise TokenizerNotFoundError(f"{root}: the config records data.tokenizer={recorded}, which {state}; pass "
                                  f"--tokenizer DIR with the tokenizer this model was trained with")
+
+
+def _with_workdir_labels(cfg: Config, src: str, root: str) -> Config:
+    """A task model trained without model.id2label takes its label names from the workdir's labels.json (which the
+    training loop writes from the data), so the export's id2label/label2id name the classes, not LABEL_0..."""
+    if cfg.model.task == "lm" or cfg.model.id2label is not None:
+        return cfg
+    from jaxctx.data.labels import LABELS_FILE, load_labels
+
+    path = next((p for p in (os.path.join(src, LABELS_FILE), os.path.join(os.path.dirname(root), LABELS_FILE))
+                 if os.path.isfile(p)), None)
+    if path is None:
+        return cfg
+    names = load_labels(path).names
+    if len(names) != cfg.model.num_labels:
+        raise ConvertError(f"{path} names {len(names)} labels but the checkpoint's model.num_labels is "
+                           f"{cfg.model.num_labels}; remove or fix {path}")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, id2label=tuple(names)))
 
 
 def _side_dir(src: str, root: str, cfg: Config) -> str | None:

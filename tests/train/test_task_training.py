@@ -52,6 +52,12 @@ def test_task_run_logs_metrics_keeps_best_and_predict_agrees(tmp_path, capsys):
         accuracy = sum(p["label"] == p["true_label"] for p in preds) / 18
         assert accuracy == pytest.approx(want["accuracy"])
         assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in preds)
+    # the export names the classes from the workdir's labels.json (the config had no model.id2label)
+    hf_dir = str(tmp_path / "hf")
+    assert cli.main(["convert", "to-hf", workdir, hf_dir]) == 0
+    hf_config = json.load(open(f"{hf_dir}/config.json"))
+    assert hf_config["id2label"] == {"0": "alpha", "1": "beta", "2": "gamma"}
+    assert hf_config["label2id"] == {"alpha": 0, "beta": 1, "gamma": 2}
 
 
 def test_tagging_run_and_predict_entities(tmp_path):
