@@ -201,6 +201,8 @@ def to_hf(cfg: Config | ModelConfig, params, out_dir: str, *, dtype: str = "floa
             tokenizer_files.write_byte_tokenizer(tmp, model_max_length=model.positions)
         else:
             io.copy_side_files(tokenizer_dir, tmp)
+        if tokenizer_dir is not None:  # task models: the pipelines must add the specials fine-tuning added
+            tokenizer_files.add_task_template(tmp, model.task, model.causal, tokenizer_dir)
         generation = os.path.join(tmp, GENERATION_FILE)
         if model.causal and ids and not os.path.exists(generation):  # a copied one (from-hf source) is kept
             io.write_json(generation, ids)

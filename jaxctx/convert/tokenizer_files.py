@@ -71,6 +71,65 @@ def write_byte_tokenizer(out_dir: str, model_max_length: int) -> list[str]:
     return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
+Template = list  # pieces of a TemplateProcessing template: "$A:0" / "$B:1", or (special token id, type id)
+
+
+def task_templates(task: str, causal: bool, special) -> tuple[Template, Template] | None:
+    """The (single, pair) templates of the special tokens jaxctx's task encoding adds (jaxctx.data.task_encode);
+    None for a language model (its export keeps the tokenizer's own behaviour).
+
+        sequence_classification  bert: [CLS] A [SEP] (B [SEP], type 1)   gpt2/llama: A (SEP B) EOS, all type 0
+        token_classification     bert: [CLS] A [SEP]                     gpt2/llama: A (nothing added)
+    """
+    from jaxctx.data.task_encode import Specials
+
+    if task == "lm":
+        return None
+    if causal and task == "token_classification":
+        return ["$A:0"], ["$A:0", "$B:0"]
+    s = Specials(causal=causal, cls=special.cls, sep=special.separator(False), eos=special.separator(True))
+    if causal:
+        return ["$A:0", (s.eos, 0)], ["$A:0", (s.sep, 0), "$B:0", (s.eos, 0)]
+    if s.cls is None:
+        raise ConvertError("a bert task model reads [CLS], but its tokenizer has no cls token")
+    single = [(s.cls, 0), "$A:0", (s.sep, 0)]
+    return single, single + ["$B:1", (s.sep, 1)]
+
+
+def add_task_template(out_dir: str, task: str, causal: bool, tokenizer: str) -> bool:
+    """Make out_dir/tokenizer.json add the special tokens a task model was fine-tuned with, so transformers'
+    text-/token-classification pipelines feed the model what `jaxctx predict` feeds it (the byte tokenizer and
+    `jaxctx tokenizer train` BPEs otherwise add none). A post-processor the tokenizer already has (e.g. ByteLevel
+    offset trimming) runs first. Returns False where there is nothing to change (a language model, or a
+    directory without tokenizer.json)."""
+    from tokenizers import Tokenizer, processors
+
+    from jaxctx.data.tokenizer import load_tokenizer
+
+    path = os.path.join(out_dir, "tokenizer.json")
+    templates = task_templates(task, causal, load_tokenizer(tokenizer).special)
+    if templates is None or not os.path.isfile(path):
+        return False
+    tok = Tokenizer.from_file(path)
+    names = {p[0]: tok.id_to_token(p[0]) for t in templates for p in t if isinstance(p, tuple)}
+    missing = sorted(i for i, name in names.items() if name is None)
+    if missing:
+        raise ConvertError(f"{path}: special token id(s) {missing} of the task encoding are not in its vocabulary")
+    single, pair = (" ".join(p if isinstance(p, str) else f"{names[p[0]]}:{p[1]}" for p in t) for t in templates)
+    template = processors.TemplateProcessing(single=single, pair=pair,
+                                             special_tokens=[(name, i) for i, name in names.items()])
+    existing = tok.post_processor
+    tok.post_processor = template if existing is None else processors.Sequence([existing, template])
+    tok.save(path)
+    if not causal:  # BERT pairs: the tokenizer must return the token types, or transformers feeds zeros
+        config_path = os.path.join(out_dir, "tokenizer_config.json")
+        config = _read_json(config_path)
+        config = config if isinstance(config, dict) else {"tokenizer_class": "PreTrainedTokenizerFast"}
+        config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
+        _write_json(config_path, config)
+    return True
+
+
 def byte_token_ids() -> dict[str, int]:
     special = ByteTokenizer().special
     return {"bos_token_id": special.bos, "eos_token_id": special.eos, "pad_token_id": special.pad}

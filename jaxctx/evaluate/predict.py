@@ -9,9 +9,10 @@ row says so). One output row per input example, in input order, written as batch
 
     classification  {"index", "label", "probabilities": {name: p}, "truncated"} (+ "true_label" when FILE has it);
                     multi_label: "labels" (p > 0.5) and sigmoid probabilities; regression: "value"
-    tagging         {"index", "tokens", "tags" (one per word), "entities": [{"type", "start", "end", "text"}],
-                     "truncated"} with entity spans over word indices (end exclusive) from seqeval's BIO reader;
-                    words cut off by truncation are tagged "O"
+    tagging         {"index", "tokens", "tags" (one per word), "scores" (the tag's probability, per word kept),
+                     "entities": [{"type", "start", "end", "text"}], "truncated"} with entity spans over word
+                    indices (end exclusive) from seqeval's BIO reader; words cut off by truncation are tagged "O"
+                    and have no score
 
 Label names come from model.id2label, else the workdir's labels.json (next to the checkpoint), else the ids.
 If FILE has labels, the metrics of jaxctx.evaluate.task_metrics are printed at the end.
@@ -146,9 +147,13 @@ def _rows(batch, logits, it, names, cfg, ds, data_cfg, has_labels):
         else:
             words = ds[index][data_cfg.tokens_field]
             scored = (batch["segment_ids"][r] == k + 1) & (batch["loss_mask"][r] > 0)
-            tags = [names[i] for i in logits[r][scored].argmax(-1)]
-            tags += ["O"] * (len(words) - len(tags))  # words cut off by truncation
-            row["tokens"], row["tags"] = words, tags
+            z = logits[r][scored]  # [words kept, N]: each word's first sub-token
+            p = np.exp(z - z.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            tags = [names[i] for i in z.argmax(-1)]
+            scores = [round(float(v), 6) for v in p.max(-1)]
+            tags += ["O"] * (len(words) - len(tags))  # words cut off by truncation (no score)
+            row["tokens"], row["tags"], row["scores"] = words, tags, scores
             row["entities"] = [{"type": t, "start": s, "end": e + 1, "text": " ".join(words[s:e + 1])}
                                for t, s, e in get_entities(tags)]
         yield row
