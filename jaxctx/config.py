@@ -310,6 +310,8 @@ class TrainConfig:
     eval_every: int = 0  # steps between validation passes; 0 = only at the end
     eval_batches: int = 8  # batches per validation pass
     init_from: str | None = None  # params from a converted or earlier checkpoint, fresh optimizer
+    extend_positions: str | None = None  # init_from a checkpoint with a shorter learned position table (gpt2/bert):
+                                         # tile | copy | interpolate it to model.max_positions rows; None = refuse
     stop_after: int = 0  # checkpoint and stop after this step (schedule unchanged; resume later); 0 = off
     optimizer: str = "adamw"  # adamw | adafactor | lion
     learning_rate: float = 3e-4  # peak learning rate
@@ -336,6 +338,11 @@ class TrainConfig:
         _check_choice("train.optimizer", self.optimizer, ("adamw", "adafactor", "lion"))
         _check_choice("train.decay", self.decay, ("cosine", "linear", "constant"))
         _check_choice("train.wandb_mode", self.wandb_mode, ("online", "offline", "disabled"))
+        if self.extend_positions is not None:
+            _check_choice("train.extend_positions", self.extend_positions, ("tile", "copy", "interpolate"))
+            if not self.init_from:
+                raise ConfigError(f"train.extend_positions={self.extend_positions} resizes the position table of "
+                                  f"train.init_from's checkpoint; set train.init_from too (or drop the key)")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ConfigError(f"train.peak_tflops={self.peak_tflops} must be a positive number of TFLOP/s per "
                               f"device (or null for the data-sheet table)")

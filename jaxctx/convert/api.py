@@ -56,13 +56,14 @@ def _family(hf: dict, where: str):
 
 
 def from_hf(hf_dir: str, *, max_positions: int | None = None, extend_positions: str | None = None,
-            scan_layers: bool = True) -> tuple[Config, dict]:
+            rope_scaling: str | None = None, scan_layers: bool = True) -> tuple[Config, dict]:
     """Read a HF directory (config.json + safetensors) -> (resolved Config, params as numpy float32).
 
     params is exactly the tree `jaxctx.models.build(cfg).init` makes (scanned `layers/` with a leading [L] axis
     when scan_layers, else `layers_0/`, ...). max_positions resizes the learned position table of gpt2/bert with
-    extend_positions (tile | copy | interpolate, default tile; see `mapping.resize_positions`); for llama it only
-    sets max_positions (RoPE has no table).
+    extend_positions (tile | copy | interpolate, default tile; see `mapping.resize_positions`); for llama it sets
+    max_positions (RoPE has no table) and, with rope_scaling (linear | yarn), scales RoPE by max_positions / the
+    model's own context so the new length maps onto the positions it was trained on.
     """
     hf_dir = os.path.abspath(hf_dir)
     hf = io.read_hf_config(hf_dir)
@@ -78,7 +79,7 @@ def from_hf(hf_dir: str, *, max_positions: int | None = None, extend_positions: 
     except config_lib.ConfigError as err:
         raise UnsupportedModelError(f"{where}: {err}") from None
     flat = _tensors_to_params(family, model, source)
-    model, flat = _extend_positions(model, flat, max_positions, extend_positions)
+    model, flat = _extend_positions(model, flat, max_positions, extend_positions, rope_scaling)
     params = mapping.unflatten(flat)
     if scan_layers:
         params = mapping.scanned(params)
@@ -128,17 +129,28 @@ def _architecture(family, model: ModelConfig) -> str:
     return family.EXPORT_ARCHITECTURES[model.task]
 
 
-def _extend_positions(model: ModelConfig, flat: dict, max_positions: int | None, method: str | None):
+ROPE_EXTENSIONS = ("linear", "yarn")  # rope_types set from one factor (max_positions / the model's own context)
+
+
+def _extend_positions(model: ModelConfig, flat: dict, max_positions: int | None, method: str | None,
+                      rope_type: str | None = None):
+    for name, value in (("extend_positions", method), ("rope_scaling", rope_type)):
+        if max_positions is None and value is not None:
+            raise ConvertError(f"{name}={value!r} needs max_positions (--max-positions N)")
     if max_positions is None:
-        if method is not None:
-            raise ConvertError(f"extend_positions={method!r} needs max_positions (--max-positions N)")
         return model, flat
     if not isinstance(max_positions, int) or max_positions <= 0:
         raise ConvertError(f"max_positions={max_positions!r} must be a positive integer")
+    if rope_type is not None and model.family != "llama":
+        raise ConvertError(f"rope_scaling applies to RoPE models (llama); {model.family} has a learned position "
+                           f"table: use extend_positions (--extend-positions)")
     if model.family == "llama":
         if method is not None:
             raise ConvertError("llama has no learned position table to extend (RoPE); pass max_positions alone to "
-                               "set max_position_embeddings")
+                               "set max_position_embeddings, with rope_scaling (--rope-scaling linear|yarn) to "
+                               "scale RoPE to it")
+        if rope_type is not None:
+            return _scaled_rope(model, max_positions, rope_type), flat
     else:
         method = method or "tile"
         if method not in mapping.EXTEND_METHODS:
@@ -147,6 +159,24 @@ def _extend_positions(model: ModelConfig, flat: dict, max_positions: int | None,
         flat["pos_embed/embedding"] = mapping.resize_positions(flat["pos_embed/embedding"], max_positions, method,
                                                                model.initializer_range)
     return dataclasses.replace(model, max_positions=max_positions), flat
+
+
+def _scaled_rope(model: ModelConfig, max_positions: int, rope_type: str) -> ModelConfig:
+    """model with max_positions and a `rope_type` scaling of factor max_positions / its current context."""
+    if rope_type not in ROPE_EXTENSIONS:
+        raise ConvertError(f"rope_scaling={rope_type!r} is not one of {', '.join(ROPE_EXTENSIONS)} (other types "
+                           f"take more fields: set model.rope_scaling in the config instead)")
+    if model.rope_scaling is not None:
+        raise ConvertError(f"the model already has rope_scaling {dict(model.rope_scaling)}; set model.rope_scaling "
+                           f"in the config to change it")
+    original = model.positions
+    if max_positions <= original:
+        raise ConvertError(f"max_positions={max_positions} must exceed the model's context ({original}) to extend "
+                           f"it with rope_scaling={rope_type}")
+    scaling = {"rope_type": rope_type, "factor": max_positions / original}
+    if rope_type == "yarn":  # the context its frequencies were trained on (its default would be the new length)
+        scaling["original_max_position_embeddings"] = original
+    return dataclasses.replace(model, max_positions=max_positions, rope_scaling=scaling)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,12 +247,13 @@ def to_hf(cfg: Config | ModelConfig, params, out_dir: str, *, dtype: str = "floa
 # ----------------------------------------------------------------------------------------------------------
 
 def import_checkpoint(hf_dir: str, out_dir: str, *, force: bool = False, max_positions: int | None = None,
-                      extend_positions: str | None = None) -> dict:
+                      extend_positions: str | None = None, rope_scaling: str | None = None) -> dict:
     """`jaxctx convert from-hf`: HF directory -> params-only jaxctx checkpoint (+ config.yaml, hf_files/)."""
     from jaxctx.checkpoint import save_params
 
     hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
-    cfg, params = from_hf(hf_dir, max_positions=max_positions, extend_positions=extend_positions)
+    cfg, params = from_hf(hf_dir, max_positions=max_positions, extend_positions=extend_positions,
+                          rope_scaling=rope_scaling)
     side_files = [name for name in io.SIDE_FILES if os.path.isfile(os.path.join(hf_dir, name))]
     if io.has_tokenizer_files(hf_dir):  # the converted config trains with the model's own tokenizer
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=os.path.join(out_dir, HF_FILES)))

@@ -1,6 +1,7 @@
 """`jaxctx convert from-hf` and `jaxctx convert to-hf`.
 
-    jaxctx convert from-hf HF_DIR OUT_DIR [--force] [--max-positions N [--extend-positions tile|copy|interpolate]]
+    jaxctx convert from-hf HF_DIR OUT_DIR [--force] [--max-positions N [--extend-positions tile|copy|interpolate]
+                                                                       [--rope-scaling linear|yarn]]
     jaxctx convert to-hf CKPT_OR_WORKDIR OUT_DIR [--force] [--dtype float32|bfloat16|float16] [--shard-size 5GB]
                          [--step N] [--tokenizer DIR|byte]
 
@@ -42,6 +43,9 @@ def register(subparsers) -> None:
     src.add_argument("--extend-positions", choices=("tile", "copy", "interpolate"),
                      help="how new position rows are made (gpt2, bert; default tile): tile repeats the table, copy "
                           "keeps it and initialises the new rows, interpolate stretches it")
+    src.add_argument("--rope-scaling", choices=("linear", "yarn"),
+                     help="llama: scale RoPE by N / the model's context so N positions map onto the trained ones "
+                          "(linear: position interpolation; yarn: YaRN, high frequencies kept)")
     src.set_defaults(func=from_hf_command)
 
     dst = sub.add_parser(
@@ -84,7 +88,7 @@ def from_hf_command(args) -> int:
 
     _quiet_orbax()
     report = import_checkpoint(args.hf_dir, args.out_dir, force=args.force, max_positions=args.max_positions,
-                               extend_positions=args.extend_positions)
+                               extend_positions=args.extend_positions, rope_scaling=args.rope_scaling)
     m = report["config"].model
     print(f"from-hf: {m.family}{_task(m)} {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, vocab "
           f"{m.vocab_size}, max_positions {m.max_positions}, {report['params'] / 1e6:.2f}M params -> "

@@ -22,8 +22,7 @@ import numpy as np
 
 from jaxctx import config as config_lib
 from jaxctx import storage
-from jaxctx.checkpoint import (Checkpointer, check_params_match, checkpoint_dir, load_params, params_metadata,
-                               quarantine)
+from jaxctx.checkpoint import Checkpointer, checkpoint_dir, quarantine
 from jaxctx.data.labels import save_labels
 from jaxctx.errors import WriteError
 from jaxctx.parallel import data_group, make_mesh
@@ -237,12 +236,7 @@ def _initial_state(cfg, runner, ckpt_dir: str, train_data):
     if cfg.train.init_from and cfg.model.task != "lm":  # a task model: backbone loaded, head fresh (logged)
         return runner.with_params(runner.init(cfg.train.seed), warm_start.task_params(cfg, runner)), 0, []
     if cfg.train.init_from:
-        # Shapes from the checkpoint's metadata first: a wrong model is refused before anything is allocated.
-        init_step, metadata, _ = params_metadata(cfg.train.init_from)
-        check_params_match(cfg.train.init_from, metadata, runner.abstract_params(), step=init_step,
-                           what="train.init_from")
-        params, _ = load_params(cfg.train.init_from, runner.abstract_params(), step=init_step)
-        return runner.with_params(runner.init(cfg.train.seed), params), 0, []
+        return runner.with_params(runner.init(cfg.train.seed), warm_start.lm_params(cfg, runner)), 0, []
     return runner.init(cfg.train.seed), 0, []
 
 

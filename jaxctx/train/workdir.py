@@ -38,7 +38,7 @@ RESUMABLE_KEYS = {
               "remat_policy", "remat_group_size", "dtype"},  # how the same maths is computed, not what it is
     "data": {"num_proc", "cache_dir"},  # how the same token stream is produced
     "train": {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches", "keep_best",
-              "init_from", "stop_after", "learning_rate", "warmup_steps", "decay", "min_lr_ratio", "weight_decay",
+              "init_from", "extend_positions", "stop_after", "learning_rate", "warmup_steps", "decay", "min_lr_ratio", "weight_decay",
               "beta1", "beta2", "grad_clip", "grad_accum", "peak_tflops",
               "wandb_project", "wandb_mode"},
     "parallel": None,  # None = every key: a run restores onto any mesh, jit or pmap, any number of processes

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -133,6 +134,22 @@ def test_cli_max_positions(saved, tmp_path, capsys):
     assert main(["convert", "to-hf", str(out), str(tmp_path / "hf")]) == 0
     assert "no tokenizer files found" in capsys.readouterr().out
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["n_positions"] == 100
+
+
+def test_cli_rope_scaling(saved, tmp_path, capsys):
+    _, path = saved("llama")
+    hf_positions = json.loads((Path(path) / "config.json").read_text())["max_position_embeddings"]
+    out = tmp_path / "long"
+    assert main(["convert", "from-hf", path, str(out), "--max-positions", str(4 * hf_positions),
+                 "--rope-scaling", "yarn"]) == 0
+    assert f"max_positions {4 * hf_positions}" in capsys.readouterr().out
+    model = load_params(out)[1]["config"]["model"]
+    assert model["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0,
+                                     "original_max_position_embeddings": hf_positions}
+    assert main(["convert", "from-hf", path, str(tmp_path / "bad"), "--rope-scaling", "linear"]) == 2
+    err = capsys.readouterr().err
+    assert "rope_scaling='linear' needs max_positions (--max-positions N)" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -112,6 +112,32 @@ def test_longer_context_is_written_to_the_config(hf, tmp_path):
         from_hf(path, max_positions=256, extend_positions="tile")
 
 
+@pytest.mark.parametrize("rope_type", ["linear", "yarn"])
+def test_rope_scaling_extends_the_context(hf, tmp_path, rope_type):
+    """from-hf --max-positions 4x --rope-scaling: factor 4 over the model's own 16 positions; with linear scaling
+    position 4i of the extended model is position i of the original (position interpolation, exactly)."""
+    path = hf.save(hf.model("llama", num_hidden_layers=1, max_position_embeddings=16), tmp_path / "short")
+    base, params = from_hf(path)
+    cfg, same = from_hf(path, max_positions=64, rope_scaling=rope_type)
+    want = {"rope_type": rope_type, "factor": 4.0}
+    if rope_type == "yarn":
+        want["original_max_position_embeddings"] = 16
+    assert base.model.max_positions == 16 and cfg.model.max_positions == 64 and dict(cfg.model.rope_scaling) == want
+    ids = hf.ids((1, 12))
+    short = hf.ours(base, params, ids)
+    long = hf.ours(cfg, same, ids, positions=np.arange(12, dtype=np.int32)[None] * 4)
+    if rope_type == "linear":
+        np.testing.assert_allclose(long, short, atol=2e-5)
+    to_hf(cfg, same, tmp_path / "long")  # transformers reads the scaling back
+    config = json.loads((tmp_path / "long" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 64 and config["rope_parameters"]["rope_type"] == rope_type
+    for kwargs, message in (({"max_positions": 16, "rope_scaling": "linear"}, "must exceed the model's context"),
+                            ({"max_positions": 64, "rope_scaling": "dynamic"}, "not one of linear, yarn"),
+                            ({"rope_scaling": "linear"}, "needs max_positions")):
+        with pytest.raises(ValueError, match=message):
+            from_hf(path, **kwargs)
+
+
 @pytest.mark.parametrize("rope, message", [
     ({"rope_type": "proportional", "rope_theta": 1e4}, "rope_type='proportional' is not supported"),
     ({"rope_type": "linear", "rope_theta": 1e4}, "rope linear scaling lacks factor"),
