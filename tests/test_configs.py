@@ -26,6 +26,7 @@ EXPECTED = {
     "bench-mfu-4x256": ("gpt2", 7, 8),  # 4 x 256 blocks (3.2M) + 16384 x 256 positions (4.2M)
     "finetune-stdlib-package": ("gpt2", 0.3, 1.0),  # the default model's backbone + an 11-class head
     "finetune-stdlib-tokens": ("gpt2", 0.3, 1.0),
+    "extend-llama-1k": ("llama", 0.5, 1.0),  # the 2 x 128 llama of `python train.py --set model.family=llama`
 }
 
 

@@ -1,6 +1,7 @@
 """`jaxctx eval` (perplexity + per-position loss), `jaxctx eval passkey`, `jaxctx fill-mask`, `jaxctx predict`.
 
     jaxctx eval --checkpoint DIR|--hf DIR --data SOURCE --seq-len T [--stride S] [--out FILE.json]
+                [--label NAME] [--compare [NAME=]EARLIER.json ...]
     jaxctx eval passkey --checkpoint DIR|--hf DIR --lengths 1024,4096 [--depths 0,0.5,1] [--trials N] [--out F.json]
     jaxctx fill-mask --checkpoint DIR|--hf DIR --text "Paris is the [MASK] of France." [--top-k 5]
     jaxctx predict --checkpoint WORKDIR --data FILE --out preds.jsonl [--batch-size 8] [--force]
@@ -73,6 +74,10 @@ def register(subparsers) -> None:
     ev.add_argument("--max-documents", type=int, default=0, metavar="N", help="use at most N documents (0 = all)")
     ev.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward pass (default 4)")
     _add_out(ev)
+    ev.add_argument("--label", help="this run's name in the plot's legend (default: the checkpoint's name)")
+    ev.add_argument("--compare", action="append", default=[], metavar="[NAME=]FILE.json",
+                    help="also draw the per-position loss of an earlier `jaxctx eval --out` (repeatable), e.g. "
+                         "before=base.json, to show a change such as a context extension")
     ev.set_defaults(func=eval_command)
     sub = ev.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
     pk = sub.add_parser("passkey", help="passkey retrieval accuracy by prompt length and needle depth",
@@ -144,6 +149,26 @@ def corpus_stream(model, source: str, split: str, max_documents: int):
     return np.concatenate(pieces).astype(np.int32), len(texts)
 
 
+def _read_compared(specs: list[str]) -> dict[str, list[dict]]:
+    """--compare [NAME=]FILE.json -> {name: per-position rows} of earlier `jaxctx eval --out` files."""
+    curves = {}
+    for spec in specs:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except OSError as err:
+            raise UsageError(f"--compare {spec}: cannot read {path} ({err.strerror})") from None
+        except ValueError:
+            raise UsageError(f"--compare {spec}: {path} is not JSON") from None
+        rows = data.get("rows") if isinstance(data, dict) else None
+        if not (isinstance(data, dict) and data.get("kind") == "eval" and isinstance(rows, list)
+                and all(isinstance(r, dict) and {"context_to", "mean_loss"} <= r.keys() for r in rows)):
+            raise UsageError(f"--compare {spec}: {path} is not the JSON of `jaxctx eval --out`")
+        curves[name or os.path.splitext(os.path.basename(path))[0]] = rows
+    return curves
+
+
 def eval_command(args) -> int:
     from jaxctx import models
     from jaxctx.evaluate import plots
@@ -153,6 +178,9 @@ def eval_command(args) -> int:
     if args.data is None or args.seq_len is None:
         raise UsageError("jaxctx eval needs --data SOURCE and --seq-len T (or the subcommand: jaxctx eval passkey)")
     paths = _check_out(args)
+    if (args.compare or args.label) and paths is None:
+        raise UsageError("--compare and --label draw into the --out plot; pass --out FILE.json too")
+    earlier = _read_compared(args.compare)
     model = loading.load(args.checkpoint, args.hf, tokenizer=args.tokenizer, step=args.step,
                          families=("gpt2", "llama"), command="eval")
     stride = args.stride or args.seq_len
@@ -182,7 +210,9 @@ def eval_command(args) -> int:
                "seq_len": args.seq_len, "stride": stride, "documents": documents, **summary,
                "rows": result.per_position}
         title = f"{os.path.basename(model.source)} on {args.data}: ppl {result.perplexity:.3g}, T={args.seq_len}"
-        _save(paths, out, lambda p: plots.plot_position_loss(p, {"loss": result.per_position}, title))
+        name = args.label or os.path.basename(os.path.normpath(model.source))
+        curves = {**earlier, name: result.per_position}
+        _save(paths, out, lambda p: plots.plot_position_loss(p, curves, title))
         print(f"wrote {paths['json']}, {paths['csv']}, {paths['png']}")
     return 0
 

@@ -132,6 +132,37 @@ def test_eval_command_writes_what_it_prints(gpt2, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
 
 
+def test_eval_compare_draws_earlier_curves(gpt2, tmp_path, capsys, monkeypatch):
+    from jaxctx import cli
+    from jaxctx.evaluate import plots
+
+    _, path = gpt2
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("import os\nprint(os.sep)\n" * 8)
+    base = ["eval", "--hf", path, "--tokenizer", "byte", "--data", str(corpus), "--seq-len", "32"]
+    assert cli.main(base + ["--out", str(tmp_path / "a.json")]) == 0
+    drawn = {}
+    real = plots.plot_position_loss
+    monkeypatch.setattr(plots, "plot_position_loss", lambda p, curves, title: (drawn.update(curves),
+                                                                               real(p, curves, title)))
+    assert cli.main(base + ["--out", str(tmp_path / "b.json"), "--compare", f"before={tmp_path / 'a.json'}",
+                            "--compare", str(tmp_path / "a.json"), "--label", "after"]) == 0
+    assert list(drawn) == ["before", "a", "after"]  # earlier curves first, this run last
+    assert drawn["before"] == json.loads((tmp_path / "a.json").read_text())["rows"] == drawn["after"]
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    (tmp_path / "bad.json").write_text('{"kind": "passkey", "rows": []}')
+    for extra, message in ((["--compare", str(tmp_path / "bad.json"), "--out", str(tmp_path / "c.json")],
+                            "is not the JSON of `jaxctx eval --out`"),
+                           (["--compare", str(tmp_path / "none.json"), "--out", str(tmp_path / "c.json")],
+                            "cannot read"),
+                           (["--label", "x"], "pass --out FILE.json too")):
+        assert cli.main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "c.json").exists()
+
+
 def test_passkey_prompts_hold_the_key_at_the_depth():
     tok = ByteTokenizer()
 
