@@ -207,13 +207,16 @@ def _register_train(kinds, common: argparse.ArgumentParser) -> None:
                         "on the same [B, T] and report our speed-up")
     p.add_argument("--matmul-size", type=int, default=None, metavar="N",
                    help="n of the n x n matmul measured as the CPU peak (default: 2048 on CPU)")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, trace --trace-steps steps and break the op time down by HLO category "
+                        "(matmul, copy/layout, reduce, elementwise, ...) with the most expensive ops")
     p.set_defaults(func=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
     """`jaxctx bench train`: validate, run the sweep, print the table, save the files."""
+    from jaxctx.bench import report, step_profile
     from jaxctx.bench.train import TrainBenchConfig, run_train_bench
-    from jaxctx.bench import report
 
     cfg = TrainBenchConfig(
         config=args.config, overrides=tuple(args.overrides), seq_lens=parse_int_list(args.seq_lens, "--seq-lens"),
@@ -221,11 +224,15 @@ def run_train(args: argparse.Namespace) -> int:
         block_sizes=None if args.block_sizes is None else parse_int_list(args.block_sizes, "--block-sizes"),
         remat_policies=parse_name_list(args.remat_policies), repeats=args.repeats, warmup=args.warmup,
         devices=args.devices, max_temp_gb=args.max_temp_gb, matmul_size=args.matmul_size,
-        compare_hf=args.compare_hf, trace_dir=args.trace_dir, trace_steps=args.trace_steps,
+        compare_hf=args.compare_hf, trace_dir=args.trace_dir, trace_steps=args.trace_steps, profile=args.profile,
     ).validated()
     paths = report.output_paths(args.out) if args.out else None
     result = run_train_bench(cfg, progress=_progress, on_row=_saver(paths))
     _finish(result, paths)
+    for row in result["rows"]:
+        if row.get("profile"):
+            print(f"\n{row['variant']} T={row['seq_len']} B={row['batch']}: "
+                  + step_profile.format_breakdown(row["profile"], row.get("step_ms")))
     return 1 if any(r["status"].startswith("error") for r in result["rows"]) else 0
 
 

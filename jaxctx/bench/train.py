@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import resource
+import shutil
 import statistics
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -27,6 +29,7 @@ from jaxctx.bench.attention import check_seq_lens
 from jaxctx.bench.flops import TRAIN_FLOP_CONVENTION, train_flops_per_token
 from jaxctx.bench.machine import device_peak, machine_info, matmul_rate, memory_budget, peak_device_memory_bytes, \
     usable_cpu_count
+from jaxctx.bench import step_profile
 from jaxctx.bench.measure import GIB, format_bytes, mib, profiler_trace, sig
 from jaxctx.bench.trainstep import StepProgram, compile_step, config_at, pick_devices
 from jaxctx.ops.attention import resolve_impl
@@ -61,6 +64,7 @@ class TrainBenchConfig:
     compare_hf: bool = False  # also time HF GPT2LMHeadModel (PyTorch) on the same shapes
     trace_dir: str | None = None  # jax.profiler trace of `trace_steps` steps per configuration
     trace_steps: int = 3
+    profile: bool = False  # op time by HLO category from a trace of `trace_steps` steps (jaxctx.bench.step_profile)
 
     def validated(self) -> "TrainBenchConfig":
         seq_lens = check_seq_lens(self.seq_lens)
@@ -68,7 +72,7 @@ class TrainBenchConfig:
         for name in ("tokens_per_step", "batch", "devices", "matmul_size"):
             if getattr(self, name) is not None:
                 positive[name] = getattr(self, name)
-        if self.trace_dir is not None:
+        if self.trace_dir is not None or self.profile:
             positive["trace_steps"] = self.trace_steps
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -221,17 +225,26 @@ def _measure_jaxctx(label: str, cfg: config_lib.Config, bench: TrainBenchConfig,
     if budget is not None and mem.total_bytes is not None and mem.total_bytes > budget:
         row["status"] = f"skipped: needs {format_bytes(mem.total_bytes)} > budget {format_bytes(budget)}"
         return row
-    trace_dir = None
+    trace_dir = scratch = None
     if bench.trace_dir is not None:
         trace_dir = os.path.join(bench.trace_dir, f"{label.replace(' ', '_').replace('=', '')}-T{cfg.data.seq_len}")
+    elif bench.profile:  # a trace only for the breakdown: deleted once read
+        trace_dir = scratch = tempfile.mkdtemp(prefix="jaxctx-profile-")
     try:
         timed = _time_steps(program, bench.repeats, bench.warmup, trace_dir, bench.trace_steps)
+        if bench.profile:
+            row["profile"] = step_profile.breakdown(trace_dir, program.compiled.as_text(), bench.trace_steps)
+            row.update({f"op_share_{r['category'].replace('/', '_')}": r["share"]
+                        for r in row["profile"]["categories"]})
     except Exception as err:  # e.g. a runtime OOM the analysis did not predict
         row["status"] = f"error: run failed: {_short_error(err)}"
         return row
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     _fill_rates(row, timed["times_s"], flops, peak_tflops)
-    row.update({"loss": sig(timed["loss"]), "trace": trace_dir, "peak_device_mib": mib(peak_device_memory_bytes()),
-                "host_max_rss_mib": mib(_max_rss_bytes())})
+    row.update({"loss": sig(timed["loss"]), "trace": None if scratch else trace_dir,
+                "peak_device_mib": mib(peak_device_memory_bytes()), "host_max_rss_mib": mib(_max_rss_bytes())})
     return row
 
 
