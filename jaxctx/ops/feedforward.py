@@ -2,9 +2,10 @@
 
 From the Blockwise Parallel Transformer (Liu & Abbeel, 2023, arXiv:2305.19370): once attention is blockwise, the
 largest activations left are the MLP's [B, T, d_ff] intermediate and the loss's [B, T, vocab] logits. Both are
-position-wise, so they can be computed over sequence chunks of C tokens; wrapping each chunk in `jax.checkpoint`
-makes the backward pass recompute the chunk instead of storing it, so at any time only [B, C, d_ff] (or
-[B, C, vocab]) exists. Chunks are read and written in place (see `_map_chunks`): no [N, B, C, D] copies.
+position-wise, so they can be computed over sequence chunks of C tokens. The MLP's backward pass recomputes each
+chunk instead of storing it; the loss, a scalar, computes each chunk's gradient already in the forward pass
+(scaled by the incoming cotangent in the backward), so its logits are never recomputed. At any time only
+[B, C, d_ff] (or [B, C, vocab]) exists. Chunks are read and written in place (see `_map_chunks`): no [N, B, C, D] copies.
 
 - `blockwise_feedforward(fn, x, chunk=C)`: any position-wise `fn` ([B, t, D] -> [B, t, D']) over chunks.
 - `chunked_cross_entropy(hidden, head, bias, targets, weights, chunk=C)`: summed token cross-entropy without the
@@ -133,22 +134,31 @@ def _sum_chunks(fn: Callable, chunk: int, x: jax.Array, aux: tuple, consts: tupl
 
 
 def _sum_chunks_fwd(fn, chunk, x, aux, consts):
-    return _sum_chunks(fn, chunk, x, aux, consts), (x, aux, consts)
+    """The sum and its gradient in one pass over the chunks.
+
+    The sum is a scalar, so each chunk's gradient is its gradient for a cotangent of 1 times the incoming one (a
+    scalar known only in the backward). Computing it here, while the chunk's [B, C, V] logits exist anyway, spares
+    the backward recomputing them (one head matmul of three; the fused linear cross-entropy of Liger-Kernel /
+    Cut Cross-Entropy). Residuals: dx [B, Tp, D] in x's dtype, which replaces x itself, and the constants'
+    cotangents in float32.
+    """
+    def body(i, carry):
+        total, dx, dconsts = carry
+        aux_chunk = tuple(_chunk(a, i, chunk) for a in aux)
+        value, vjp = jax.vjp(lambda xc, *cs: fn(xc, aux_chunk, *cs), _chunk(x, i, chunk), *consts)
+        dx_chunk, *dconsts_chunk = vjp(jnp.ones((), value.dtype))
+        dx = lax.dynamic_update_slice_in_dim(dx, dx_chunk.astype(dx.dtype), i * chunk, axis=1)
+        return total + value, dx, _add_cotangents(dconsts, dconsts_chunk)
+
+    init = (jnp.zeros((), jnp.float32), zeros_like_in_loop(x, x.shape, x.dtype), _zero_cotangents(consts, x))
+    total, dx, dconsts = lax.fori_loop(0, x.shape[1] // chunk, body, init)
+    return total, (dx, dconsts, consts, tuple(None for _ in aux))
 
 
 def _sum_chunks_bwd(fn, chunk, residuals, d_total):
-    x, aux, consts = residuals
-
-    def chunk_vjp(i):
-        aux_chunk = tuple(_chunk(a, i, chunk) for a in aux)
-        _, vjp = jax.vjp(lambda xc, *cs: fn(xc, aux_chunk, *cs), _chunk(x, i, chunk), *consts)
-        dx_chunk, *dconsts_chunk = vjp(d_total)
-        return dx_chunk, dconsts_chunk
-
-    # Anchored on x, not on d_total: the loss's cotangent seed is a constant, and zeros made from a constant are
-    # scheduled at the start of the step, held through the whole forward pass.
-    dx, dconsts = _backward_over_chunks(chunk_vjp, chunk, x, consts, anchor=x)
-    return dx, tuple(None for _ in aux), dconsts
+    dx, dconsts, consts, no_aux = residuals  # aux (targets, weights) are data: no cotangent
+    scaled = tuple(None if d is None else (d * d_total).astype(c.dtype) for d, c in zip(dconsts, consts))
+    return dx * d_total.astype(dx.dtype), no_aux, scaled
 
 
 _sum_chunks.defvjp(_sum_chunks_fwd, _sum_chunks_bwd)
@@ -254,8 +264,9 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, bias: jax.Array | 
     # Padded positions get weight 0 (and target 0), so they add nothing to the loss or its gradients.
     padded = [_pad_to_chunks(a, chunk) for a in (hidden, targets, weights)]  # [B, Tp, ...]
 
-    # Only the chunk's inputs are read; the backward recomputes its [B, C, V] logits and softmax (see
-    # _sum_chunks). head and bias are loop constants, so their cotangents are summed over chunks in float32.
+    # Only the chunk's inputs are read; under differentiation each chunk's gradient is computed in the forward
+    # pass while its [B, C, V] logits exist (see _sum_chunks_fwd), so nothing is recomputed. head and bias are loop
+    # constants, so their cotangents are summed over chunks in float32.
     def chunk_loss(h, aux, head, bias):
         tgt, w = aux
         logits = project_logits(h, head, bias, head_layout=head_layout)  # [B, C, V] f32
