@@ -155,10 +155,11 @@ workdir_progress() {
 
 # job_status_command RUN: the shell command that prints, on a worker, one line
 #   jaxctx-job HOSTNAME RUN running | exit STATUS | none
-# (none: no such run on this worker -- never launched here, or the VM was recreated).
+# (running includes starting: tpu/launch leaves RUN.pid empty until train.py has a pid; none: no such run on
+# this worker -- never launched here, or the VM was recreated).
 job_status_command() {
   local logs="$REMOTE_LOGS/$1"
-  echo "if [ -f $logs.exit ]; then s=\"exit \$(cat $logs.exit)\"; elif [ -f $logs.pid ] && kill -0 \"\$(cat $logs.pid)\" 2>/dev/null; then s=running; else s=none; fi; echo \"jaxctx-job \$(hostname) $1 \$s\""
+  echo "if [ -f $logs.exit ]; then s=\"exit \$(cat $logs.exit)\"; elif [ -f $logs.pid ] && { [ ! -s $logs.pid ] || kill -0 \"\$(cat $logs.pid)\" 2>/dev/null; }; then s=running; else s=none; fi; echo \"jaxctx-job \$(hostname) $1 \$s\""
 }
 
 # current_run [NAME]: NAME, else TPU_RUN, else the run tpu/launch started last (read from worker 0).
