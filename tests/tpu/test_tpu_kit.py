@@ -298,6 +298,10 @@ def test_babysit_gives_up(kit):
         "delete", "create", "scp", "unpack", "launch",  # exited 1: recovery 1 of 1, exited 1 again: gave up
     ]
 
+    stalled = kit.run("babysit", "configs/tiny.yaml", "--max-retries", "10", "--max-stalls", "2")
+    assert stalled.returncode == 1 and stalled.stderr.count("train.py exited 1") == 1
+    assert "gave up: train.py failed 2 times in a row with no checkpoint after step 0" in stalled.stderr
+
     kit.worker(0, [{"exit": 2}])  # a config mistake: retrying cannot fix it
     user_error = kit.run("babysit", "configs/tiny.yaml", "--run", "other")
     assert user_error.returncode == 2 and "gave up: train.py exited 2" in user_error.stderr
@@ -317,6 +321,7 @@ def test_babysit_gives_up(kit):
     ("launch", ["configs/tiny.yaml", "--run", "a/b"], "run name 'a/b' must be letters"),
     ("launch", ["configs/tiny.yaml", "--stpes", "3"], "unknown flag '--stpes'"),
     ("babysit", ["configs/tiny.yaml", "--max-retries", "many"], "--max-retries many must be a number"),
+    ("babysit", ["configs/tiny.yaml", "--max-stalls", "0"], "--max-stalls 0 must be a positive number"),
     ("create", ["--type", "v9-8"], "no default runtime for accelerator type v9-8"),
     ("create", ["--attempts", "0"], "--attempts 0 must be a positive integer"),
     ("logs", ["--worker", "x", "--run", "r"], "--worker x must be a worker number"),
