@@ -8,7 +8,8 @@
   `jaxctx.train.cli.parse_args`): an unknown flag, subcommand or choice fails. Only argparse runs;
 - every `--set section.key=value` key and every backticked `model.KEY` / `data.KEY` / `train.KEY` /
   `parallel.KEY` is a field of its `jaxctx.config.SECTIONS` dataclass;
-- every `jaxctx/...`, `tests/...`, `benchmarks/...` and `.ci/...` path exists (`{a,b}` and `*` expand).
+- every `jaxctx/...`, `tests/...`, `benchmarks/...`, `tpu/...` and `.ci/...` path exists (`{a,b}` and `*` expand);
+- every `tpu/NAME ...` command names a launch-kit script, and each `--flag` it shows is in that script's `--help`.
 
 From documented text to argv (see `command_argvs`): shell syntax goes through `shlex` (comments, `\\` line
 continuations, `&&`, `||`, `;`, `|`, `&` and leading `VAR=value` assignments are removed); `[...]` optional groups
@@ -167,7 +168,7 @@ def _expand_braces(pattern: str) -> list[str]:
 
 def path_problems(rel: str, text: str, root: str = ROOT) -> list[str]:
     problems = []
-    for m in re.finditer(r"(?<![\w/.-])((?:jaxctx|tests|benchmarks|\.ci)/[\w/.*{},-]*)", text):
+    for m in re.finditer(r"(?<![\w/.-])((?:jaxctx|tests|benchmarks|tpu|\.ci)/[\w/.*{},-]*)", text):
         name = m.group(1).rstrip(".,;:")
         for pattern in _expand_braces(name):
             if not glob.glob(os.path.join(root, pattern)):
@@ -357,6 +358,55 @@ def command_problems(rel: str, text: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# (c') tpu/ launch-kit commands
+# ----------------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _tpu_help(script: str) -> str | None:
+    """`tpu/SCRIPT --help` (None: no such script). The scripts are bash; --help runs no gcloud."""
+    path = os.path.join(ROOT, "tpu", script)
+    if not os.path.isfile(path) or script.endswith(".sh"):
+        return None
+    import subprocess
+    done = subprocess.run(["bash", path, "--help"], capture_output=True, text=True, timeout=30)
+    return done.stdout if done.returncode == 0 else None
+
+
+def tpu_commands(text: str) -> list[tuple[str, str, list[str]]]:
+    """[(documented line, script name, its argv)] for every `tpu/NAME ...` command of one Markdown text."""
+    prose, blocks = split_markdown(text)
+    lines = [line.strip().removeprefix("$ ") for lang, body in blocks if lang in ("bash", "sh", "shell", "console")
+             for line in body.replace("\\\n", " ").split("\n")]
+    lines += [span.replace("\\|", "|") for span, _ in code_spans(prose) if span.startswith("tpu/")]
+    commands = []
+    for line in lines:
+        try:
+            segments = _shell_segments(line)
+        except ValueError:
+            segments = [line.split()]
+        for seg in segments:
+            m = re.fullmatch(r"tpu/([\w-]+)", seg[0]) if seg else None  # tpu/common.sh: a file, not a command
+            if m:
+                commands.append((line, m.group(1), seg[1:]))
+    return commands
+
+
+def tpu_command_problems(rel: str, text: str) -> list[str]:
+    """Every documented `tpu/NAME ...` command names a script, and each of its --flags is in that script's --help."""
+    problems = []
+    for line, script, argv in tpu_commands(text):
+        help_text = _tpu_help(script)
+        if help_text is None:
+            problems.append(f"{rel}: `{line}`: tpu/{script} is not a script with --help")
+            continue
+        for tok in argv:
+            for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", tok):
+                if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text):
+                    problems.append(f"{rel}: `{line}`: tpu/{script} has no flag {flag}")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------------
 # (d) config keys
 # ----------------------------------------------------------------------------------------------------------
 
@@ -398,7 +448,7 @@ def config_key_problems(rel: str, text: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 
 CHECKS = {"links": link_problems, "configs": config_problems, "paths": path_problems,
-          "commands": command_problems, "config_keys": config_key_problems}
+          "commands": command_problems, "config_keys": config_key_problems, "tpu_commands": tpu_command_problems}
 
 
 def test_docs_exist_and_readme_links_every_page():
@@ -421,6 +471,8 @@ def test_docs_name_commands():
     for expected in ("train.py", "jaxctx convert from-hf", "jaxctx bench max-context", "jaxctx data inspect"):
         assert any(n.startswith(expected) for n in named), (expected, sorted(named))
     assert len(commands) >= 20
+    scripts = {script for rel in DOC_FILES for _, script, _ in tpu_commands(_read(rel))}
+    assert {"create", "setup", "launch", "babysit", "logs", "status", "stop", "delete"} <= scripts, scripts
 
 
 def test_every_config_is_in_the_readme():
@@ -485,3 +537,13 @@ def test_a_wrong_path_config_or_link_is_reported(tmp_path):
     assert link_problems("README.md", "[a](docs/nope.md) [b](docs/kernels.md#nope) [c](https://x.org)") == [
         "README.md: link target docs/nope.md does not exist",
         "README.md: link docs/kernels.md#nope: no heading #nope in docs/kernels.md"]
+
+
+def test_a_wrong_tpu_command_is_reported():
+    doc = ("```bash\ntpu/launch configs/tiny.yaml --sett train.steps=3\ntpu/nope\n```\n"
+           "| `tpu/create [--spot\\|--reservd]` | `tpu/logs --worker N --follow` |\n")
+    assert tpu_command_problems("planted.md", doc) == [
+        "planted.md: `tpu/launch configs/tiny.yaml --sett train.steps=3`: tpu/launch has no flag --sett",
+        "planted.md: `tpu/nope`: tpu/nope is not a script with --help",
+        "planted.md: `tpu/create [--spot|--reservd]`: tpu/create has no flag --reservd"]
+    assert path_problems("planted.md", "`tpu/launch` and `tpu/lunch`") == ["planted.md: path tpu/lunch does not exist"]

@@ -45,8 +45,10 @@ def default_workdir(config_path: str | None) -> str:
 def maybe_initialize_distributed(cfg_parallel) -> None:
     """jax.distributed.initialize() when the config or the environment describes a multi-process job."""
     explicit = cfg_parallel.coordinator_address is not None
+    # JAXCTX_DISTRIBUTED: set by tpu/launch; a Cloud TPU VM's environment names no cluster (JAX finds the slice's
+    # workers from the VM metadata once asked to initialize).
     cluster = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
-                                             "MEGASCALE_COORDINATOR_ADDRESS"))
+                                             "MEGASCALE_COORDINATOR_ADDRESS", "JAXCTX_DISTRIBUTED"))
     if explicit:
         jax.distributed.initialize(coordinator_address=cfg_parallel.coordinator_address,
                                    num_processes=cfg_parallel.num_processes, process_id=cfg_parallel.process_id)
