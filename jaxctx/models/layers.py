@@ -38,7 +38,7 @@ from jaxctx.ops.feedforward import (blockwise_feedforward, chunked_cross_entropy
 from jaxctx.ops.norms import layer_norm, rms_norm
 from jaxctx.models.kv_cache import DecodeCache, layer_cache
 from jaxctx.ops.ring import ring_attention_in_layout, to_layout_index
-from jaxctx.parallel import SEQUENCE_AXIS, sequence_size
+from jaxctx.parallel import LOGICAL_RULES, SEQUENCE_AXIS, sequence_size
 
 # Logical names of the main activations.
 BTE = ("activation_batch", "activation_length", "activation_embed")  # residual stream [B, T, D]
@@ -118,6 +118,13 @@ def make_param(module: nn.Module, name: str, init: Callable, shape: tuple[int, .
 
 def constrain(x: jax.Array, names: tuple) -> jax.Array:
     return nn.with_logical_constraint(x, names)
+
+
+def constrain_always(x: jax.Array, names: tuple) -> jax.Array:
+    """`constrain` with jaxctx's logical rules even where the caller set none (a no-op without a mesh): for arrays
+    that lose their sharding otherwise (a chunk sliced inside a loop)."""
+    with nn.logical_axis_rules(LOGICAL_RULES):
+        return nn.with_logical_constraint(x, names)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -472,7 +479,13 @@ def lm_loss(cfg: ModelConfig, hidden, matrix, bias, layout, targets, weights):
         raise ValueError(f"targets and weights must be [B, T] = {hidden.shape[:2]}, got {targets.shape} and "
                          f"{weights.shape}")
     if cfg.loss_chunk > 0:
+        parts = context_parallel_size()
+        # The chunks keep the batch sharding of the residual stream (folded with the sequence shards when parts > 1,
+        # where the batch axis is no longer the one the logical names describe).
+        keep = {} if parts > 1 else {"constrain_hidden": lambda h: constrain_always(h, BTE),
+                                     "constrain_logits": lambda z: constrain_always(z, BTV)}
         return per_sequence_shard(
-            lambda h, y, w: chunked_cross_entropy(h, matrix, bias, y, w, chunk=cfg.loss_chunk, head_layout=layout),
-            context_parallel_size(), hidden, targets, weights)
+            lambda h, y, w: chunked_cross_entropy(h, matrix, bias, y, w, chunk=cfg.loss_chunk, head_layout=layout,
+                                                  **keep),
+            parts, hidden, targets, weights)
     return token_cross_entropy(lm_logits(hidden, matrix, bias, layout), targets, weights)  # via [B, T, V] f32

@@ -240,7 +240,9 @@ def cross_entropy(hidden: jax.Array, head: jax.Array, bias: jax.Array | None, ta
 
 
 def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, bias: jax.Array | None, targets: jax.Array,
-                          weights: jax.Array, *, chunk: int, head_layout: str = "dv") -> tuple[jax.Array, jax.Array]:
+                          weights: jax.Array, *, chunk: int, head_layout: str = "dv",
+                          constrain_hidden: Callable | None = None,
+                          constrain_logits: Callable | None = None) -> tuple[jax.Array, jax.Array]:
     """Token cross-entropy over sequence chunks; [B, T, V] logits never exist, forward or backward.
 
     Args:
@@ -249,6 +251,10 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, bias: jax.Array | 
       bias: [V] output bias or None.
       targets: [B, T] int token ids; weights: [B, T] (0 where a position does not count).
       chunk: tokens per chunk; 0 falls back to the unchunked `cross_entropy`.
+      constrain_hidden, constrain_logits: sharding constraints applied to each chunk's [B, C, D] hidden states and
+        [B, C, V] logits inside the loop (the model's logical-axis constraints). Without them a sharded step can
+        lose the batch sharding there: a slice inside a loop carries none, and with the head sharded over `fsdp`
+        on D, XLA contracted D across devices and all-reduced the whole global batch's [B, C, V] on every device.
     Returns:
       (loss_sum, weight_sum): f32 scalars; the mean loss is loss_sum / weight_sum (kept apart so callers can sum
       across micro-batches and devices before dividing).
@@ -269,7 +275,11 @@ def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, bias: jax.Array | 
     # constants, so their cotangents are summed over chunks in float32.
     def chunk_loss(h, aux, head, bias):
         tgt, w = aux
+        if constrain_hidden is not None:
+            h = constrain_hidden(h)
         logits = project_logits(h, head, bias, head_layout=head_layout)  # [B, C, V] f32
+        if constrain_logits is not None:
+            logits = constrain_logits(logits)
         return token_cross_entropy(logits, tgt, w)[0]
 
     loss_sum = _sum_chunks(chunk_loss, chunk, padded[0], tuple(padded[1:]), (head, bias))
