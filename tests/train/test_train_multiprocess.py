@@ -7,6 +7,7 @@ then group 1's, built by the same pipeline with process_index 0 and 1.
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -30,19 +31,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, processes: int, devices_per_process: int, overrides) -> list[tuple[int, str, str]]:
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("localhost", port))
+        except OSError:
+            return False
+        return True
+
+
+def _launch(workdir, processes: int, devices_per_process: int, overrides,
+            slurm: bool = False) -> list[tuple[int, str, str]]:
     """Run train.py as `processes` jax.distributed processes of `devices_per_process` fake CPU devices each;
-    [(exit code, stdout, stderr)] per process."""
+    [(exit code, stdout, stderr)] per process. slurm: no parallel.* keys, only the variables `srun` sets (one
+    node, one task per process); JAX's SLURM detection derives the coordinator from them."""
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
                PYTHONUNBUFFERED="1")
+    if slurm:  # the coordinator port is 61440 + SLURM_JOB_ID % 4096: pick a job id whose port is free
+        port = next(p for p in random.Random().sample(range(61440, 65536), 200) if _port_free(p))
+        env.update(SLURM_JOB_ID=str(1_000_000 * 4096 + port - 61440), SLURM_NTASKS=str(processes),
+                   SLURM_STEP_NODELIST="localhost", SLURM_STEP_NUM_NODES="1", SLURM_NNODES="1",
+                   SLURM_JOB_NODELIST="localhost")
     procs = []
     for i in range(processes):
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, "--workdir", str(workdir)]
-        for o in (*overrides, f"parallel.coordinator_address=localhost:{port}",
-                  f"parallel.num_processes={processes}", f"parallel.process_id={i}"):
+        cluster = () if slurm else (f"parallel.coordinator_address=localhost:{port}",
+                                    f"parallel.num_processes={processes}", f"parallel.process_id={i}")
+        for o in (*overrides, *cluster):
             cmd += ["--set", o]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        proc_env = dict(env, SLURM_PROCID=str(i), SLURM_LOCALID=str(i)) if slurm else env
+        procs.append(subprocess.Popen(cmd, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return [(p.returncode, *out) for p, out in ((p, p.communicate(timeout=300)) for p in procs)]
 
 
@@ -92,6 +111,19 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "build_iterator", _BothShards)
     assert run(config_lib.load(TINY, list(ARGS)), str(tmp_path / "single"), devices=jax.devices()[:2]) == 0
     _assert_same_steps(tmp_path / "multi", tmp_path / "single", 6)
+
+
+@pytest.mark.slow
+def test_srun_environment_starts_two_processes_like_one(tmp_path, monkeypatch):
+    """What `slurm/train.sbatch` relies on: train.py under the variables srun sets (and no parallel.* keys) joins
+    one jax.distributed job through JAX's SLURM detection and trains exactly as one process with both shards."""
+    args = ("train.steps=3", "train.log_every=1", "train.checkpoint_every=3", "data.validation_fraction=0")
+    results = _launch(tmp_path / "multi", 2, 1, args, slurm=True)
+    _assert_ok(results)
+    assert "workdir:" in results[0][1] and "workdir:" not in results[1][1]  # process 1 knows it is not 0
+    monkeypatch.setattr(pipeline, "build_iterator", _BothShards)
+    assert run(config_lib.load(TINY, list(args)), str(tmp_path / "single"), devices=jax.devices()[:2]) == 0
+    _assert_same_steps(tmp_path / "multi", tmp_path / "single", 3)
 
 
 CP_ARGS = ("train.steps=4", "train.log_every=1", "train.checkpoint_every=2", "data.validation_fraction=0")
