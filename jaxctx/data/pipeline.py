@@ -307,9 +307,18 @@ class DataIterator:
             "invalid_utf8_bytes": self.docs.invalid_utf8_bytes,
             "vocab_size": self.tokenizer.vocab_size,
             "tokenizer": self.tokenizer.name,
-            "source": self.docs.description,
+            "source": self._description(),
             "split": self.split,
         }
+
+
+    def _description(self) -> str:
+        """The source's name, plus the synthetic passkey documents mixed in (data.passkey_fraction)."""
+        source = getattr(self._source, "source_documents", None)
+        if not self.cfg.data.passkey_fraction or source is None:
+            return self.docs.description
+        return (f"{self.docs.description} + {self._source.store.num_documents - source} passkey documents "
+                f"({self.cfg.data.passkey_fraction:.0%} of tokens)")
 
 
 def build_iterator(cfg, split: str = "train", *, process_index: int | None = None,
