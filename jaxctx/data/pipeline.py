@@ -193,10 +193,17 @@ class DataIterator:
         fraction = self.cfg.data.passkey_fraction
         if fraction <= 0:
             return None
-        encode = lambda text: self.tokenizer.encode_batch([text])[0]  # noqa: E731  (no specials: packing adds them)
-        return lambda source_tokens: passkey_documents(
-            encode, max_length=self.seq_len - 1, num_tokens=passkey_token_budget(fraction, source_tokens),
-            seed=self.seed, split=split, process_index=process_index)
+        tokenizer, max_length, seed = self.tokenizer, self.seq_len - 1, self.seed
+
+        def encode(text: str) -> np.ndarray:
+            return tokenizer.encode_batch([text])[0]  # no special tokens: packing adds the separator
+
+        def documents(source_tokens: int) -> list[np.ndarray]:
+            return passkey_documents(encode, max_length=max_length, seed=seed, split=split,
+                                     num_tokens=passkey_token_budget(fraction, source_tokens),
+                                     process_index=process_index)
+
+        return documents
 
     # -------------------------------------------------------------------------------------------------------
     # Iteration

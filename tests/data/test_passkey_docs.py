@@ -38,7 +38,9 @@ def test_documents_hold_the_needle_and_the_answer_after_the_question():
 
 
 def test_documents_are_deterministic_and_keys_disjoint_from_eval():
-    make = lambda **kw: [d.tolist() for d in passkey_documents(encode, max_length=400, num_tokens=20_000, **kw)]  # noqa: E731
+    def make(**kw):
+        return [d.tolist() for d in passkey_documents(encode, max_length=400, num_tokens=20_000, **kw)]
+
     assert make(seed=0) == make(seed=0)
     assert make(seed=0) != make(seed=1) and make(seed=0) != make(seed=0, split="validation")
     train_keys = {TOK.decode(d)[-6:-1] for d in passkey_documents(encode, max_length=300, num_tokens=300_000, seed=0)}
