@@ -275,6 +275,8 @@ class DataConfig:
     tokens_field: str = "tokens"  # tagging: column with the list of words
     tags_field: str = "tags"  # tagging: column with one tag per word (BIO strings or ids)
     max_examples_per_row: int = 16  # E: example slots per packed row (cls_index/labels [B, E]); a row closes when full
+    # Synthetic passkey documents (jaxctx.data.passkey_docs; docs/data.md "Passkey documents").
+    passkey_fraction: float = 0.0  # share of the packed tokens that are passkey documents; 0 = none
 
     def validate(self) -> None:
         if self.task is not None:
@@ -295,6 +297,12 @@ class DataConfig:
                 raise ConfigError(f"data.{name}={getattr(self, name)} must be >= 0 (0 turns it off)")
         if not self.text_field:
             raise ConfigError("data.text_field must name a column (e.g. text)")
+        if not 0.0 <= self.passkey_fraction < 1.0:
+            raise ConfigError(f"data.passkey_fraction={self.passkey_fraction} must be in [0, 1) (the share of tokens "
+                              f"that are synthetic passkey documents; 0 = none)")
+        if self.passkey_fraction and self.streaming:
+            raise ConfigError("data.passkey_fraction needs a map-style corpus (its documents are sized from the "
+                              "corpus's token count); set data.streaming=false or data.passkey_fraction=0")
 
 
 @dataclass(frozen=True)
@@ -402,6 +410,10 @@ class Config:
                                   f"chunk no longer than the sequence (or 0/null for the default)")
         self._validate_context_parallel()
         self._validate_task_data()
+        if self.data.passkey_fraction and (not self.model.causal or self.model.task != "lm"):
+            raise ConfigError(f"data.passkey_fraction={self.data.passkey_fraction} trains next-token retrieval: it "
+                              f"needs a causal LM (model.family gpt2 or llama, model.task=lm), not "
+                              f"model.family={self.model.family} model.task={self.model.task}")
         if self.model.attention == "splash" and self.data.seq_len % 128:
             raise ConfigError(f"model.attention=splash needs data.seq_len divisible by 128, got "
                               f"{self.data.seq_len}; round it to a multiple of 128 or use blockwise")

@@ -99,6 +99,16 @@ class TokenStore:
         self.doc_start = np.concatenate(doc_start) if doc_start else np.zeros(0, np.int64)  # [D] within chunk
         self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)  # [D] tokens per document
 
+    def add_documents(self, docs: list[np.ndarray]) -> None:
+        """Append in-memory documents (token id arrays) as one more chunk: synthetic data mixed into the corpus."""
+        if not docs:
+            return
+        lens = np.array([len(d) for d in docs], np.int64)
+        self.values.append(np.concatenate(docs).astype(np.int32, copy=False))
+        self.doc_chunk = np.concatenate([self.doc_chunk, np.full(len(lens), len(self.values) - 1, np.int32)])
+        self.doc_start = np.concatenate([self.doc_start, np.cumsum(lens) - lens])
+        self.lengths = np.concatenate([self.lengths, lens])
+
     @property
     def num_documents(self) -> int:
         return len(self.lengths)

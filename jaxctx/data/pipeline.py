@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -37,6 +37,7 @@ from jaxctx.data import mlm
 from jaxctx.data.errors import DataError, EmptyDatasetError
 from jaxctx.data.global_batch import local_batch_size  # noqa: F401  (re-exported: jaxctx.data.local_batch_size)
 from jaxctx.data.packing import PackedLayout, StreamPacker, TokenStore, assemble_rows, check_seq_len
+from jaxctx.data.passkey_docs import passkey_documents, passkey_token_budget
 from jaxctx.data.sources import Documents, _workers, load_documents
 from jaxctx.data.tokenizer import Tokenizer, check_vocab, load_tokenizer
 
@@ -57,10 +58,14 @@ def _token_features():
 class _MapSource:
     """Rows of a map-style (memory-mapped) tokenized dataset: any row of any epoch in O(1)."""
 
-    def __init__(self, tokenized, seq_len: int, separator: int, *, seed: int, process_index: int, shuffle: bool):
+    def __init__(self, tokenized, seq_len: int, separator: int, *, seed: int, process_index: int, shuffle: bool,
+                 extra_documents: Callable[[int], list[np.ndarray]] | None = None):
         self.store = TokenStore(tokenized)
         if self.store.num_tokens == 0:
             raise EmptyDatasetError("every document tokenized to zero tokens")
+        self.source_documents = self.store.num_documents
+        if extra_documents is not None:  # synthetic documents, sized from the corpus's token count
+            self.store.add_documents(extra_documents(self.store.num_tokens))
         self.seq_len, self.separator, self.shuffle = seq_len, separator, shuffle
         self.seed, self.process_index = seed, process_index
         self._layouts: dict[int, tuple[PackedLayout, np.ndarray]] = {}
@@ -171,8 +176,9 @@ class DataIterator:
                         features=_token_features(), num_proc=_workers(len(ds), data.num_proc),
                         desc=f"tokenize ({self.tokenizer.name})")
             self._source = _MapSource(ds, self.seq_len, self.separator, seed=self.seed,
-                                      process_index=process_index, shuffle=shuffle)
-            self.num_documents = self._source.store.num_documents
+                                      process_index=process_index, shuffle=shuffle,
+                                      extra_documents=self._passkey_documents(split, process_index))
+            self.num_documents = self._source.store.num_documents  # passkey documents included
         now = time.perf_counter()
         self.tokenize_s = now - tokenize_start  # ~0 when the tokenized split came from the cache
         self.prepare_s = now - start
@@ -181,6 +187,23 @@ class DataIterator:
         self._batch_s = 0.0  # time spent building batches
         self._tokens = 0  # tokens emitted (rows * T), padding included
         self._padding = 0  # of which padding
+
+    def _passkey_documents(self, split: str, process_index: int) -> Callable[[int], list[np.ndarray]] | None:
+        """data.passkey_fraction > 0: a function (corpus tokens -> synthetic passkey documents), see passkey_docs."""
+        fraction = self.cfg.data.passkey_fraction
+        if fraction <= 0:
+            return None
+        tokenizer, max_length, seed = self.tokenizer, self.seq_len - 1, self.seed
+
+        def encode(text: str) -> np.ndarray:
+            return tokenizer.encode_batch([text])[0]  # no special tokens: packing adds the separator
+
+        def documents(source_tokens: int) -> list[np.ndarray]:
+            return passkey_documents(encode, max_length=max_length, seed=seed, split=split,
+                                     num_tokens=passkey_token_budget(fraction, source_tokens),
+                                     process_index=process_index)
+
+        return documents
 
     # -------------------------------------------------------------------------------------------------------
     # Iteration
@@ -229,6 +252,7 @@ class DataIterator:
             "source": self.cfg.data.source,
             "tokenizer": self.tokenizer.name,
             "streaming": self.cfg.data.streaming,
+            "passkey_fraction": self.cfg.data.passkey_fraction,
             "process_count": self.process_count,
         }
 
@@ -237,7 +261,8 @@ class DataIterator:
         if state.get("version") != STATE_VERSION:
             raise DataError(f"iterator state version {state.get('version')!r} is not {STATE_VERSION}")
         mine = self.get_state()
-        for key in ("split", "seed", "seq_len", "streaming"):  # these change what a row number means
+        state = {"passkey_fraction": 0.0, **state}  # states saved before the key existed had no passkey documents
+        for key in ("split", "seed", "seq_len", "streaming", "passkey_fraction"):  # these change what a row means
             if state.get(key) != mine[key]:
                 raise DataError(f"the saved data iterator state has {key}={state.get(key)!r} but this pipeline "
                                 f"has {key}={mine[key]!r}; resume with the same data settings or start fresh")
@@ -289,9 +314,18 @@ class DataIterator:
             "invalid_utf8_bytes": self.docs.invalid_utf8_bytes,
             "vocab_size": self.tokenizer.vocab_size,
             "tokenizer": self.tokenizer.name,
-            "source": self.docs.description,
+            "source": self._description(),
             "split": self.split,
         }
+
+
+    def _description(self) -> str:
+        """The source's name, plus the synthetic passkey documents mixed in (data.passkey_fraction)."""
+        source = getattr(self._source, "source_documents", None)
+        if not self.cfg.data.passkey_fraction or source is None:
+            return self.docs.description
+        return (f"{self.docs.description} + {self._source.store.num_documents - source} passkey documents "
+                f"({self.cfg.data.passkey_fraction:.0%} of tokens)")
 
 
 def build_iterator(cfg, split: str = "train", *, process_index: int | None = None,

@@ -4,10 +4,16 @@ A random 5-digit key is hidden at a relative depth of filler text of a given tok
 a question, and the model's greedy continuation must start with the key. Accuracy per (length, depth) is the
 heat map long-context papers show. Prompts are built in token space, so a prompt of "length 4096" is 4096
 tokens (up to one filler sentence short) with whatever tokenizer the model has.
+
+Keys are split in two halves by a hash (`is_eval_key`): these prompts draw only eval keys, and the synthetic
+training documents of jaxctx.data.passkey_docs only the others, so a model trained on passkey documents is
+measured on keys it has never seen (retrieval, not memorisation). A hash, not a digit rule, so the split carries
+no pattern a model could learn.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -15,6 +21,22 @@ import numpy as np
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 QUESTION = "What is the pass key? The pass key is"
+
+
+KEY_RANGE = (10000, 100000)  # 5-digit keys: [low, high)
+
+
+def is_eval_key(key: str) -> bool:
+    """Whether `key` belongs to the evaluation half of the key space (a stable hash of its text, ~50%)."""
+    return hashlib.blake2b(key.encode("ascii"), digest_size=8).digest()[0] < 128
+
+
+def draw_key(rng: np.random.Generator, *, eval_half: bool) -> str:
+    """A random 5-digit key from one half of the key space (rejection sampling: ~2 draws per key)."""
+    while True:
+        key = str(rng.integers(*KEY_RANGE))
+        if is_eval_key(key) == eval_half:
+            return key
 
 
 def needle(key: str) -> str:
@@ -47,9 +69,9 @@ def build_prompt(encode: Callable[[str], np.ndarray], length: int, depth: float,
 
 def make_prompts(encode: Callable[[str], np.ndarray], lengths: Sequence[int], depths: Sequence[float],
                  trials: int, seed: int = 0) -> list[PasskeyPrompt]:
-    """trials prompts per (length, depth), keys drawn from a seeded generator (reproducible)."""
+    """trials prompts per (length, depth), eval-half keys drawn from a seeded generator (reproducible)."""
     rng = np.random.default_rng(seed)
-    return [build_prompt(encode, length, depth, str(rng.integers(10000, 100000)))
+    return [build_prompt(encode, length, depth, draw_key(rng, eval_half=True))
             for length in lengths for depth in depths for _ in range(trials)]
 
 

@@ -1,0 +1,67 @@
+"""Synthetic passkey documents mixed into the token stream (`data.passkey_fraction`).
+
+Each document is a passkey prompt of jaxctx.evaluate.passkey (filler, the needle at a random relative depth, the
+question) followed by its answer, ` KEY.`:
+
+    The grass is green. ... The pass key is 12345. Remember it. 12345 is the pass key. ... The pass key is 12345.
+    |<-------------------- build_prompt(length - answer, depth, key) -------------------->|<-- answer -->|
+
+Lengths are uniform in [shortest prompt, data.seq_len - 1] tokens (the separator makes the document fit a row),
+depths uniform in [0, 1]. Keys come from the training half of the key space (`passkey.is_eval_key` is False), so
+`jaxctx eval passkey`, which draws only eval-half keys, never asks for a key the model was trained on.
+
+Mixing is by tokens: documents are generated until they hold `fraction / (1 - fraction)` times the source's
+tokens, so `fraction` of the packed stream is passkey text; they are shuffled into the epoch order with the source
+documents. Everything is drawn from a numpy Generator seeded by (train.seed, split, process), so the same
+settings give the same documents and a resumed run continues the same stream.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from jaxctx.data.errors import DataError
+from jaxctx.evaluate.passkey import FILLER, QUESTION, build_prompt, draw_key, needle
+
+_STREAM_TAG = 0x504B4559  # "PKEY": keeps this Generator apart from the pipeline's order permutations
+_SPLIT_IDS = {"train": 0, "validation": 1}
+
+
+def answer(key: str) -> str:
+    """The text after the question that states the key (what `passkey.is_retrieved` accepts)."""
+    return f" {key}."
+
+
+def shortest_document(encode: Callable[[str], np.ndarray]) -> int:
+    """Tokens in the shortest passkey document: one filler sentence, needle, question and answer (plus a margin
+    of 5 tokens, as a subword tokenizer may split one key into more tokens than another)."""
+    key = "00000"
+    return sum(len(encode(text)) for text in (FILLER, needle(key), QUESTION, answer(key))) + 5
+
+
+def passkey_documents(encode: Callable[[str], np.ndarray], *, max_length: int, num_tokens: int, seed: int,
+                      split: str = "train", process_index: int = 0) -> list[np.ndarray]:
+    """Passkey documents (int32 token ids) of `shortest_document` to `max_length` tokens, until they hold at least
+    `num_tokens` tokens. Deterministic in (seed, split, process_index)."""
+    min_length = shortest_document(encode)
+    if max_length < min_length:
+        raise DataError(f"data.passkey_fraction: a passkey document needs at least {min_length} tokens but "
+                        f"data.seq_len={max_length + 1} leaves {max_length}; raise data.seq_len")
+    rng = np.random.default_rng([seed, _SPLIT_IDS[split], process_index, _STREAM_TAG])
+    docs, total = [], 0
+    while total < num_tokens:
+        length = int(rng.integers(min_length, max_length + 1))
+        depth = float(rng.random())
+        key = draw_key(rng, eval_half=False)
+        tail = encode(answer(key))
+        prompt = build_prompt(encode, length - len(tail), depth, key)
+        docs.append(np.concatenate([prompt.ids, tail]).astype(np.int32))
+        total += len(docs[-1])
+    return docs
+
+
+def passkey_token_budget(fraction: float, source_tokens: int) -> int:
+    """Passkey tokens that make `fraction` of a stream whose other tokens number `source_tokens`."""
+    return int(round(fraction / (1.0 - fraction) * source_tokens))

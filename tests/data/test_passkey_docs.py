@@ -1,0 +1,76 @@
+"""Synthetic passkey documents (jaxctx.data.passkey_docs) and their mixing into the pipeline (data.passkey_fraction)."""
+
+import re
+
+import numpy as np
+
+from jaxctx.data import build_iterator
+from jaxctx.data.passkey_docs import answer, passkey_documents, shortest_document
+from jaxctx.data.tokenizer import ByteTokenizer
+from jaxctx.evaluate import passkey
+
+TOK = ByteTokenizer()
+
+
+def encode(text):
+    return TOK.encode_batch([text])[0]
+
+
+def test_documents_hold_the_needle_and_the_answer_after_the_question():
+    docs = passkey_documents(encode, max_length=600, num_tokens=60_000, seed=3)
+    assert sum(map(len, docs)) >= 60_000 and len(docs) > 100
+    filler, depths = len(encode(passkey.FILLER)), []
+    for ids in docs:
+        text = TOK.decode(ids)
+        key = text[-6:-1]
+        assert text.endswith(passkey.QUESTION + answer(key)) and key.isdigit()
+        assert text.count(passkey.needle(key)) == 1 and text.count(key) == 3  # needle twice, answer once
+        assert shortest_document(encode) - 5 <= len(ids) <= 600
+        # the needle sits after a whole number of filler sentences: relative depth = sentences before / all
+        before = text.index(passkey.needle(key))
+        assert before % filler == 0
+        sentences = (len(ids) - len(encode(passkey.needle(key) + passkey.QUESTION + answer(key)))) // filler
+        depths.append(before // filler / max(sentences, 1))
+    depths = np.array(depths)
+    assert depths.min() == 0.0 and depths.max() == 1.0 and 0.4 < depths.mean() < 0.6  # uniform depths
+    lengths = np.array([len(d) for d in docs])
+    assert lengths.min() < 250 and lengths.max() > 550  # lengths span shortest .. max_length
+
+
+def test_documents_are_deterministic_and_keys_disjoint_from_eval():
+    def make(**kw):
+        return [d.tolist() for d in passkey_documents(encode, max_length=400, num_tokens=20_000, **kw)]
+
+    assert make(seed=0) == make(seed=0)
+    assert make(seed=0) != make(seed=1) and make(seed=0) != make(seed=0, split="validation")
+    train_keys = {TOK.decode(d)[-6:-1] for d in passkey_documents(encode, max_length=300, num_tokens=300_000, seed=0)}
+    eval_keys = {p.key for p in passkey.make_prompts(encode, [300], [0.0, 0.5, 1.0], trials=100, seed=0)}
+    assert len(train_keys) > 1000 and len(eval_keys) > 250
+    assert not any(map(passkey.is_eval_key, train_keys)) and all(map(passkey.is_eval_key, eval_keys))
+    assert not train_keys & eval_keys
+
+
+def test_pipeline_mixes_the_stated_fraction_of_tokens(make_cfg, corpus):
+    path = corpus(n=300)
+    cfg = make_cfg(source=path, seq_len=256, passkey_fraction=0.4, validation_fraction=0.0)
+    it = build_iterator(cfg, "train", process_index=0, process_count=1)
+    source_docs = it._source.source_documents
+    store = it._source.store
+    pk_tokens = int(store.lengths[source_docs:].sum())
+    assert abs(pk_tokens / store.num_tokens - 0.4) < 0.01
+    # in the shuffled batches: tokens of passkey segments ~ the fraction. The corpus is lowercase (random_texts);
+    # passkey text has a capital at least every sentence, so a segment with one is (a piece of) a passkey document.
+    batches = [next(it) for _ in range(60)]
+    total = pk = 0
+    for b in batches:
+        for ids, seg in zip(b["input_ids"], b["segment_ids"]):
+            for s in np.unique(seg[seg > 0]):
+                n = int((seg == s).sum())
+                total += n
+                pk += n if re.search("[A-Z]", TOK.decode(ids[seg == s])) else 0
+    assert abs(pk / total - 0.4) < 0.08, pk / total
+    # resume: a fresh pipeline positioned after 5 batches yields batch 6 exactly
+    again = build_iterator(cfg, "train", process_index=0, process_count=1)
+    again.seek(5)
+    resumed = next(again)
+    assert all(np.array_equal(resumed[k], batches[5][k]) for k in batches[5])
