@@ -352,4 +352,45 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0 if result["fits"] in (True, None) else 1
 
 
-_BENCHES = (_register_attention, _register_train, _register_max_context, _register_generate)
+def _register_finetune_context(kinds, common: argparse.ArgumentParser) -> None:
+    p = kinds.add_parser(
+        "finetune-context",
+        help="task accuracy against data.seq_len: same model, init and steps at every length (trained on CPU)",
+        description="Fine-tune the same classifier from scratch at each --seq-lens (one example per row, "
+                    "model.max_positions = the largest length, same steps and batch), predict the validation "
+                    "split and report accuracy / macro-F1 per length. See docs/finetuning.md.")
+    p.add_argument("--config", default="configs/finetune-stdlib-package.yaml", metavar="FILE",
+                   help="base task config (default: configs/finetune-stdlib-package.yaml)")
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="task directory with train.jsonl and validation.jsonl (jaxctx data make-task)")
+    p.add_argument("--seq-lens", default="256,1024,4096", metavar="T,...", help="context lengths (default 256,1024,4096)")
+    p.add_argument("--steps", type=int, default=40, metavar="N", help="train steps at every length (default 40)")
+    p.add_argument("--batch-size", type=int, default=4, metavar="N", help="examples per step (default 4)")
+    p.add_argument("--warmup-steps", type=int, default=5, metavar="N", help="learning-rate warmup (default 5)")
+    p.add_argument("--workdir-root", required=True, metavar="DIR", help="empty directory for the runs (DIR/seqT)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override applied at every length (repeatable)")
+    p.add_argument("--out", metavar="FILE.json", help="save results to FILE.json, plus FILE.csv and FILE.png")
+    p.set_defaults(func=run_finetune_context)
+
+
+def run_finetune_context(args: argparse.Namespace) -> int:
+    """`jaxctx bench finetune-context`: run the sweep, print one line per length, save the files."""
+    from jaxctx.bench import report
+    from jaxctx.bench.finetune_context import run
+
+    if args.out:
+        report.output_paths(args.out)  # a bad --out fails before any training
+    for name in ("steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    run(parse_int_list(args.seq_lens, "--seq-lens"), config=args.config, data_dir=args.data,
+        workdir_root=args.workdir_root, steps=args.steps, batch_size=args.batch_size,
+        warmup_steps=args.warmup_steps, overrides=list(args.overrides), out=args.out)
+    if args.out:
+        print(f"wrote {args.out} (+ .csv, .png)")
+    return 0
+
+
+_BENCHES = (_register_attention, _register_train, _register_max_context, _register_generate,
+            _register_finetune_context)
