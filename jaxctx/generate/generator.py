@@ -15,10 +15,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxctx.config import Config, ModelConfig
-from jaxctx.parallel import BATCH_AXES, LOGICAL_RULES, data_parallel_size, sequence_size
 from jaxctx.generate.beam import beam_loop
 from jaxctx.generate.decoder import bucket_length, left_pad, sample_loop
 from jaxctx.generate.settings import GenerateError, GenerationSettings
+from jaxctx.parallel import BATCH_AXES, LOGICAL_RULES, data_parallel_size, sequence_size
 
 FINISH_REASONS = ("length", "eos", "stop")  # indexed by the loops' reason codes
 
