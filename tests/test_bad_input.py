@@ -335,6 +335,11 @@ CASES = [
          both(copy_trained(), write("p.jsonl", '{"prompt": "ok"}\n{"prompt": 3}\n'))),
     Case("generate-bert-model", ["jaxctx", "generate", "--hf", "{d}/hf", "--prompt", "x"], "bert",
          write("hf/config.json", json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))),
+    Case("generate-mesh-bad-axis", G("--prompt", "x", "--mesh", "data=2,heads=2"), "'heads=2'"),
+    Case("generate-mesh-too-many-devices", G("--prompt", "x", "--mesh", "data=64"), "data x fsdp x sequence x tensor",
+         copy_trained()),
+    Case("generate-mesh-sequence", G("--prompt", "x", "--mesh", "data=-1,sequence=2"), "sequence=2",
+         copy_trained()),
     Case("generate-missing-checkpoint", ["jaxctx", "generate", "--checkpoint", "{d}/nope", "--prompt", "x"],
          "{d}/nope"),
     # --- labelled data (data.task), jaxctx data make-task, jaxctx predict

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxctx.generate import processors
-from jaxctx.generate.decoder import Cache, decode_step, end_reason, prefill
+from jaxctx.generate.decoder import Cache, decode_step, end_reason, prefill, shard_cache
 from jaxctx.generate.settings import GenerationSettings, Knobs
 
 NEG = -1.0e9  # transformers' "impossible" score; a finite value keeps sums and comparisons well defined
@@ -41,8 +41,8 @@ def beam_loop(model, params, prompt: jax.Array, valid: jax.Array, settings: Gene
     logits, cache = prefill(model, params, prompt, valid, p + n)
     vocab = logits.shape[-1]
     # Every beam starts from the prompt: repeat the rows K times ([B*K, ...], beam-major within a prompt).
-    cache = Cache(tuple(jnp.repeat(x, k_beams, axis=0) for x in cache.k),
-                  tuple(jnp.repeat(x, k_beams, axis=0) for x in cache.v),
+    cache = Cache(tuple(shard_cache(jnp.repeat(x, k_beams, axis=0)) for x in cache.k),
+                  tuple(shard_cache(jnp.repeat(x, k_beams, axis=0)) for x in cache.v),
                   jnp.repeat(cache.slot_valid, k_beams, axis=0), jnp.repeat(cache.next_position, k_beams, axis=0))
     logits = jnp.repeat(logits, k_beams, axis=0)  # [B*K, V]
     seen = None

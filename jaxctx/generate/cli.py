@@ -2,6 +2,7 @@
 
     jaxctx generate --checkpoint DIR|--hf HF_DIR --prompt TEXT | --prompts IN.jsonl [--out OUT.jsonl]
                     [--max-new-tokens N] [--temperature T --top-k K --top-p P --seed S] [--num-beams B]
+                    [--mesh data=2,fsdp=2,tensor=2]
 
 One --prompt streams the completion to the terminal as it is decoded. --prompts reads JSONL rows with a
 "prompt" field and writes one row per prompt ({"prompt", "completion", "token_ids", "finish_reason"}) to --out,
@@ -54,10 +55,29 @@ def register(subparsers) -> None:
     p.add_argument("--stop-id", type=int, action="append", default=[], metavar="ID",
                    help="another token id that ends a row (finish_reason 'stop'); repeatable")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--mesh", metavar="AXIS=N,...",
+                   help="decode on a device mesh, as training's parallel.data/fsdp/tensor (e.g. data=2,tensor=2; "
+                        "data defaults to -1 = the devices left): params sharded as trained, batch over data x fsdp")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="prompts decoded together (default 8)")
     p.add_argument("--truncate", choices=("error", "left"), default="error",
                    help="a prompt too long for the model's positions: refuse (default) or keep its end")
     p.set_defaults(func=generate_command)
+
+
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=2,tensor=2' -> {"data": 2, "tensor": 2}: the `parallel.*` mesh sizes of a training config."""
+    sizes: dict[str, int] = {}
+    for part in text.split(","):
+        axis, _, size = part.partition("=")
+        axis = axis.strip()
+        if axis not in MESH_AXES or not size.strip().lstrip("-").isdigit() or int(size) == 0 or int(size) < -1:
+            raise UsageError(f"--mesh {text}: {part!r} is not AXIS=N with AXIS one of {', '.join(MESH_AXES)} and "
+                             f"N >= 1 (data=-1 = the devices left), e.g. --mesh data=2,tensor=2")
+        sizes[axis] = int(size)
+    return sizes
 
 
 def settings_from_args(args, tokenizer):
@@ -132,12 +152,19 @@ def generate_command(args) -> int:
     from jaxctx.generate import loading
     from jaxctx.generate.generator import Generator
 
+    mesh_sizes = None if args.mesh is None else parse_mesh(args.mesh)  # refused before anything loads
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     check_out(args.out, args.force)
     model = loading.load(args.checkpoint, args.hf, tokenizer=args.tokenizer, step=args.step,
                          families=("gpt2", "llama"), command="generate")
     settings = settings_from_args(args, model.tokenizer)
-    generator = Generator(model.cfg, model.params, truncate=args.truncate)
+    mesh = None
+    if mesh_sizes is not None:
+        from jaxctx.config import ParallelConfig
+        from jaxctx.parallel import make_mesh
+
+        mesh = make_mesh(ParallelConfig(**mesh_sizes))
+    generator = Generator(model.cfg, model.params, truncate=args.truncate, mesh=mesh)
     ids = [model.encode(text) for text in prompts]
     for i, prompt in enumerate(ids):  # every bad prompt is refused before anything compiles
         generator.check_prompt(prompt, settings, f"prompt {i + 1}")

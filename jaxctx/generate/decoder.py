@@ -21,10 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
+from jax.sharding import PartitionSpec as P
 
 from jaxctx.generate import processors
 from jaxctx.generate.settings import GenerationSettings, Knobs
 from jaxctx.models.kv_cache import DecodeCache, PrefillCache
+from jaxctx.parallel import BATCH_AXES
 
 MIN_BUCKET = 16
 
@@ -55,6 +57,18 @@ def left_pad(prompts: list[np.ndarray], length: int, pad_id: int) -> tuple[np.nd
     return ids, valid
 
 
+def shard_cache(x: jax.Array) -> jax.Array:
+    """A cache buffer [B, S, Hkv, Dh] split as training splits activations: rows over (data, fsdp), kv heads over
+    tensor where Hkv divides it. A no-op outside a `jax.set_mesh` (single-device decoding)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    shape = dict(mesh.shape)
+    heads = "tensor" if x.shape[2] % shape.get("tensor", 1) == 0 else None
+    rows = BATCH_AXES if x.shape[0] % (shape.get("data", 1) * shape.get("fsdp", 1)) == 0 else None
+    return jax.lax.with_sharding_constraint(x, P(rows, None, heads, None))
+
+
 def prefill(model, params, prompt: jax.Array, valid: jax.Array, cache_slots: int) -> tuple[jax.Array, Cache]:
     """Run the left-padded prompt [B, P] -> (next-token logits [B, V] f32, the cache with slots [0, P) filled)."""
     b, p = prompt.shape
@@ -64,7 +78,7 @@ def prefill(model, params, prompt: jax.Array, valid: jax.Array, cache_slots: int
     shape = (b, cache_slots) + k.shape[3:]
 
     def buffers(x):  # [L, B, P, Hkv, Dh] -> L buffers [B, S, Hkv, Dh] holding the prompt in slots [0, P)
-        return tuple(jax.lax.dynamic_update_slice(jnp.zeros(shape, x.dtype), x[i], (0, 0, 0, 0))
+        return tuple(shard_cache(jax.lax.dynamic_update_slice(jnp.zeros(shape, x.dtype), x[i], (0, 0, 0, 0)))
                      for i in range(x.shape[0]))
 
     slot_valid = jnp.zeros((b, cache_slots), bool).at[:, :p].set(valid)
@@ -81,7 +95,8 @@ def decode_step(model, params, tokens: jax.Array, cache: Cache, slot: jax.Array)
     start = (0, index, 0, 0)
 
     def write(buffers, new):  # in place: each buffer is loop state that nothing else reads
-        return tuple(jax.lax.dynamic_update_slice(x, new[i].astype(x.dtype), start) for i, x in enumerate(buffers))
+        return tuple(shard_cache(jax.lax.dynamic_update_slice(x, new[i].astype(x.dtype), start))
+                     for i, x in enumerate(buffers))
 
     return logits, Cache(write(cache.k, k), write(cache.v, v), slot_valid, cache.next_position + 1)
 

@@ -275,3 +275,6 @@ def test_generate_command(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(args + ["--prompts", str(tmp_path / "in.jsonl"), "--num-beams", "2"]) == 0
     assert [json.loads(line)["prompt"] for line in capsys.readouterr().out.splitlines()] == [prompt, "é"]
+    # on a mesh (8 fake devices, params sharded as trained, the batch padded to 4 rows): the same stream
+    assert cli.main(args + ["--prompt", prompt, "--mesh", "data=2,fsdp=2,tensor=2"]) == 0
+    assert capsys.readouterr().out == tok.decode(expected) + "\n"
