@@ -62,3 +62,37 @@ def build_pair(documents: list[np.ndarray], doc_index: int, rng: np.random.Gener
     attention_mask[:len(pair)] = 1
     return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask,
             "next_sentence_label": np.int32(label)}
+
+
+class _StoreDocuments:
+    """A TokenStore (jaxctx.data.packing) seen as a sequence of documents, for build_pair."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __len__(self) -> int:
+        return self.store.num_documents
+
+    def __getitem__(self, doc: int) -> np.ndarray:
+        return self.store.document(doc)
+
+
+def pair_batch(store, rng: np.random.Generator, *, rows: int, seq_len: int, cls_id: int, sep_id: int,
+               pad_id: int) -> dict[str, np.ndarray]:
+    """A batch of `rows` NSP rows, each from a document drawn uniformly (with replacement) among those with at
+    least 2 tokens. Keys as the packed BERT batch (input_ids, segment_ids, positions, targets, loss_mask; MLM
+    masking fills targets/loss_mask afterwards) plus token_type_ids [R, T] and next_sentence_label [R, T] (constant per row)."""
+    eligible = np.flatnonzero(store.lengths >= 2)
+    if len(eligible) == 0:
+        raise DataError("data.nsp=true needs documents of at least 2 tokens; every document is shorter")
+    documents = _StoreDocuments(store)
+    pairs = [build_pair(documents, int(eligible[i]), rng, seq_len=seq_len, cls_id=cls_id, sep_id=sep_id,
+                        pad_id=pad_id) for i in rng.integers(0, len(eligible), rows)]
+    stacked = {key: np.stack([p[key] for p in pairs]) for key in pairs[0]}
+    mask = stacked.pop("attention_mask")  # [R, T] 1 on the pair
+    positions = np.where(mask > 0, np.arange(seq_len)[None], 0).astype(np.int32)
+    return {"input_ids": stacked["input_ids"], "segment_ids": mask.astype(np.int32), "positions": positions,
+            "targets": stacked["input_ids"].copy(), "loss_mask": np.zeros(mask.shape, np.float32),
+            "token_type_ids": stacked["token_type_ids"],
+            # [R, T]: the row's label at every position, so it shards and splits like every other batch array
+            "next_sentence_label": np.repeat(stacked["next_sentence_label"][:, None], seq_len, axis=1)}
