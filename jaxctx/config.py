@@ -264,6 +264,7 @@ class DataConfig:
     validation_fraction: float = 0.02  # share of documents held out (split by file-name/document hash)
     max_documents: int = 0  # use at most this many documents per split (0 = all): quick runs and tests
     mlm_probability: float = 0.15  # BERT: share of non-special tokens chosen for masking
+    nsp: bool = False  # BERT: one [CLS] A [SEP] B [SEP] pair per row + next-sentence loss (needs model.nsp_head)
     num_proc: int = 2  # worker processes for datasets.map tokenization
     shuffle: bool = True  # new document and sequence order every epoch (streaming: buffered document shuffle)
     shuffle_buffer: int = 1024  # streaming only: documents held in the shuffle buffer
@@ -425,6 +426,14 @@ class Config:
 
     def _validate_task_data(self) -> None:
         """data.task is the labelled format model.task trains on (classification <-> sequence_classification)."""
+        if self.data.nsp:
+            if self.model.family != "bert" or not self.model.nsp_head:
+                raise ConfigError(f"data.nsp=true trains BERT's next-sentence head; it needs model.family=bert and "
+                                  f"model.nsp_head=true (got model.family={self.model.family}, "
+                                  f"model.nsp_head={str(self.model.nsp_head).lower()})")
+            if self.data.task is not None or self.data.streaming:
+                raise ConfigError("data.nsp=true builds pairs from a memory-mapped plain-text corpus; unset "
+                                  "data.task and data.streaming")
         if self.data.task is None:
             return
         want = TASK_DATA.get(self.model.task)

@@ -216,6 +216,8 @@ CASES = [
     Case("set-id2label-wrong-length", T(*S("model.task=token_classification", "model.num_labels=3",
                                            "model.id2label=[O, B-X]")), "model.id2label"),
     Case("set-nsp-head-on-gpt2", T(*S("model.nsp_head=true")), "model.nsp_head"),
+    Case("set-data-nsp-on-gpt2", T(*S("data.nsp=true")), "data.nsp"),
+    Case("set-data-nsp-without-head", T(*S("data.nsp=true", "model.family=bert")), "model.nsp_head"),
     Case("task-without-labelled-data", T(*S("model.task=token_classification", "model.num_labels=5")),
          "model.task=token_classification"),
     # --- train.py: the platform

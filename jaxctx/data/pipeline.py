@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from jaxctx.data import mlm
+from jaxctx.data import mlm, nsp
 from jaxctx.data.errors import DataError, EmptyDatasetError
 from jaxctx.data.global_batch import local_batch_size  # noqa: F401  (re-exported: jaxctx.data.local_batch_size)
 from jaxctx.data.packing import PackedLayout, StreamPacker, TokenStore, assemble_rows, check_seq_len
@@ -158,6 +158,9 @@ class DataIterator:
             if self.tokenizer.special.mask is None:
                 raise DataError(f"model.family={cfg.model.family} needs a [MASK] token but tokenizer "
                                 f"{self.tokenizer.name!r} has none")
+        if data.nsp and (self.tokenizer.special.cls is None or self.tokenizer.special.sep is None):
+            raise DataError(f"data.nsp=true needs [CLS] and [SEP] tokens but tokenizer {self.tokenizer.name!r} "
+                            f"lacks one")
         shuffle = data.shuffle and split == "train"  # validation: a fixed set, in file order
 
         self.docs: Documents = load_documents(data, split, process_index=process_index, process_count=process_count)
@@ -216,14 +219,20 @@ class DataIterator:
         if not self.repeat and self._finished():
             raise StopIteration
         start = time.perf_counter()
-        tokens, unit, offset, valid = self._source.windows(self._rows, self.local_batch, self.repeat)
-        batch = assemble_rows(tokens, unit, offset, valid, pad_id=self.pad_id, causal=self.causal)
+        if self.cfg.data.nsp:  # one sentence pair per row, documents drawn by a Generator seeded per batch
+            rng = np.random.default_rng([self.seed, self.process_index, self._batches, 0x4E5350])  # "NSP"
+            special = self.tokenizer.special
+            batch = nsp.pair_batch(self._source.store, rng, rows=self.local_batch, seq_len=self.seq_len,
+                                   cls_id=special.cls, sep_id=special.sep, pad_id=self.pad_id)
+        else:
+            tokens, unit, offset, valid = self._source.windows(self._rows, self.local_batch, self.repeat)
+            batch = assemble_rows(tokens, unit, offset, valid, pad_id=self.pad_id, causal=self.causal)
         if not self.causal:
             rng = np.random.default_rng([self.seed, self.process_index, self._batches, 0x4D4C4D])  # "MLM"
             mlm.mask_tokens(batch, rng, probability=self.cfg.data.mlm_probability,
                             mask_id=self.tokenizer.special.mask, special_ids=self.tokenizer.special_ids,
                             random_ids=self._random_ids)
-            batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
+            batch.setdefault("token_type_ids", np.zeros_like(batch["input_ids"]))
         self._batches += 1
         self._rows += self.local_batch
         self._batch_s += time.perf_counter() - start

@@ -140,3 +140,21 @@ class BertMLM(nn.Module):
         """Summed MLM cross-entropy: (loss_sum, weight_sum); weights are 1 at masked positions, 0 elsewhere."""
         h = self.hidden(input_ids, segment_ids, positions, token_type_ids)
         return lm_loss(self.cfg, h, *self.head(), targets, weights)
+
+    def pretraining_loss(self, input_ids, targets, weights, next_sentence_label, segment_ids=None, positions=None,
+                         token_type_ids=None):
+        """BertForPreTraining's two objectives from one encoder pass (model.nsp_head).
+
+        Returns (mlm_sum, mlm_weight, nsp_sum, nsp_correct): summed MLM cross-entropy over masked positions and
+        its weight, summed next-sentence cross-entropy over the B rows, and how many rows' NSP argmax equals
+        `next_sentence_label` [B] (0 IsNext, 1 NotNext). HF's loss is mlm_sum / mlm_weight + nsp_sum / B.
+        """
+        if not self.cfg.nsp_head:
+            raise ValueError("pretraining_loss needs model.nsp_head=true (the BertForPreTraining head)")
+        h = self.encode(input_ids, segment_ids, positions, token_type_ids)  # [B, T, D]
+        mlm_sum, mlm_weight = lm_loss(self.cfg, self.mlm_head(h), *self.head(), targets, weights)
+        nsp = self.nsp_head(self.pooler(h[:, 0])).astype(jnp.float32)  # [B, 2]
+        log_probs = jax.nn.log_softmax(nsp, axis=-1)
+        nsp_ce = -jnp.take_along_axis(log_probs, next_sentence_label[:, None].astype(jnp.int32), axis=-1)[:, 0]
+        correct = (jnp.argmax(nsp, axis=-1) == next_sentence_label).astype(jnp.float32)
+        return mlm_sum, mlm_weight, nsp_ce.sum(), correct.sum()

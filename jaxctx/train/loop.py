@@ -305,6 +305,9 @@ def _report(pending, log: MetricsLog, tokens_per_step: int, cfg, progress, ckpt:
     row = {"step": step, "loss": float(host["loss"]), "lr": float(host["lr"]),
            "grad_norm": float(host["grad_norm"]), "tokens_per_sec": tokens_per_step / elapsed,
            "tokens_per_sec_per_device": tokens_per_step / elapsed / clock.devices, "step_time_s": elapsed}
+    for key in ("nsp_loss", "nsp_accuracy"):  # BERT pretraining with data.nsp (jaxctx.train.step)
+        if key in host:
+            row[key] = float(host[key])
     progress.update(1)
     progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}", refresh=False)
     if jax.process_index() == 0 and (step % cfg.train.log_every == 0 or step == cfg.train.steps):

@@ -23,6 +23,8 @@ RoPE and learned positions see the true ones); the loss is a sum over tokens, so
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -79,6 +81,37 @@ def loss_sums(model: nn.Module, params, batch: dict, dropout_rng: jax.Array | No
     """(summed loss, summed weight) for one batch: cross-entropy over scored tokens for language models; for task
     models (model.task != lm) the task loss over examples (sequence) or scored tokens (token), see
     jaxctx.models.heads. Dropout runs when a key is given."""
+    loss_sum, weight_sum, _ = objective_sums(model, params, batch, dropout_rng)
+    return loss_sum, weight_sum
+
+
+def objective_sums(model: nn.Module, params, batch: dict, dropout_rng: jax.Array | None = None):
+    """(loss_sum, weight_sum, extras): loss_sums plus a dict of further summed metrics.
+
+    A BERT pretraining batch (data.nsp: it carries `next_sentence_label`) trains MLM + next-sentence prediction
+    as HF BertForPreTraining (masked_lm_loss + next_sentence_loss). To keep the step's sum / weight form, the
+    summed NSP loss is scaled by mlm_weight / rows, so loss_sum / weight_sum = MLM mean + NSP mean exactly for
+    one (micro-)batch; with train.grad_accum > 1 each micro-batch's NSP term carries its own ratio. extras holds
+    nsp_sum, nsp_correct and nsp_rows (summed over micro-batches and devices)."""
+    if model.cfg.task == "lm" and "next_sentence_label" in batch:
+        n = sequence_size(jax.sharding.get_abstract_mesh())
+        batch = to_sequence_layout(batch, n)  # zigzag keeps position 0 ([CLS]) at slot 0
+        kwargs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
+        rngs = None if dropout_rng is None else {"dropout": dropout_rng}
+        labels = batch["next_sentence_label"][:, 0]  # [B]: constant along the row
+        with nn.logical_axis_rules(LOGICAL_RULES) if n > 1 else contextlib.nullcontext():
+            mlm_sum, mlm_weight, nsp_sum, correct = model.apply(
+                {"params": params}, batch["input_ids"], batch["targets"], batch["loss_mask"], labels,
+                method="pretraining_loss", rngs=rngs, **kwargs)
+        rows = jnp.float32(labels.shape[0])
+        scale = jax.lax.stop_gradient(jnp.maximum(mlm_weight, 1.0)) / rows
+        extras = {"nsp_sum": jax.lax.stop_gradient(nsp_sum), "nsp_correct": correct, "nsp_rows": rows}
+        return mlm_sum + nsp_sum * scale, mlm_weight, extras
+    loss_sum, weight_sum = _task_loss_sums(model, params, batch, dropout_rng)
+    return loss_sum, weight_sum, {}
+
+
+def _task_loss_sums(model: nn.Module, params, batch: dict, dropout_rng: jax.Array | None = None):
     n = sequence_size(jax.sharding.get_abstract_mesh())
     batch = to_sequence_layout(batch, n)
     kwargs = {name: batch[name] for name in MODEL_INPUTS if name in batch}
@@ -139,28 +172,37 @@ def grads_and_sums(model, params, batch: dict, accum: int, dropout_rng: jax.Arra
     """Gradients of the summed loss, plus (loss_sum, weight_sum), accumulated over `accum` micro-batches.
 
     dropout_rng: None (no dropout) or the step's key; micro-batch m draws from fold_in(key, m)."""
-    grad_fn = jax.value_and_grad(lambda p, b, r: loss_sums(model, p, b, r), has_aux=True)
+    def objective(p, b, r):
+        loss_sum, weight_sum, extras = objective_sums(model, p, b, r)
+        return loss_sum, (weight_sum, extras)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def micro_rng(m):
         return None if dropout_rng is None else jax.random.fold_in(dropout_rng, m)
 
     if accum == 1:
-        (loss_sum, weight_sum), grads = grad_fn(params, batch, micro_rng(0))
-        return grads, loss_sum, weight_sum
+        (loss_sum, (weight_sum, extras)), grads = grad_fn(params, batch, micro_rng(0))
+        return grads, loss_sum, weight_sum, extras
 
     def micro_step(carry, micro):
-        grads, loss_sum, weight_sum = carry
+        grads, loss_sum, weight_sum, extras = carry
         m, micro = micro
-        (l_sum, w_sum), g = grad_fn(params, micro, micro_rng(m))
-        return (jax.tree.map(jnp.add, grads, g), loss_sum + l_sum, weight_sum + w_sum), None
+        (l_sum, (w_sum, e)), g = grad_fn(params, micro, micro_rng(m))
+        return (jax.tree.map(jnp.add, grads, g), loss_sum + l_sum, weight_sum + w_sum,
+                jax.tree.map(jnp.add, extras, e)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, loss_sum, weight_sum), _ = jax.lax.scan(
-        micro_step, (zeros, jnp.float32(0), jnp.float32(0)), (jnp.arange(accum), _split_micro(batch, accum)))
-    return grads, loss_sum, weight_sum
+    extras0 = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: objective_sums(
+        model, params, jax.tree.map(lambda x: x[0], _split_micro(batch, accum)))[2]))
+    (grads, loss_sum, weight_sum, extras), _ = jax.lax.scan(
+        micro_step, (zeros, jnp.float32(0), jnp.float32(0), extras0),
+        (jnp.arange(accum), _split_micro(batch, accum)))
+    return grads, loss_sum, weight_sum, extras
 
 
-def apply_update(state: TrainState, grads, loss_sum, weight_sum, optimizer, schedule) -> tuple[TrainState, dict]:
+def apply_update(state: TrainState, grads, loss_sum, weight_sum, optimizer, schedule,
+                 extras: dict | None = None) -> tuple[TrainState, dict]:
     """Mean-normalise the summed gradients, update, and skip the update if anything is non-finite or the batch
     scored no token."""
     denom = jnp.maximum(weight_sum, 1.0)
@@ -184,6 +226,10 @@ def apply_update(state: TrainState, grads, loss_sum, weight_sum, optimizer, sche
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step), "tokens": weight_sum,
                "finite": finite}
+    if extras and "nsp_rows" in extras:  # BERT pretraining (data.nsp): the next-sentence objective on its own
+        rows = jnp.maximum(extras["nsp_rows"], 1.0)
+        metrics["nsp_loss"] = extras["nsp_sum"] / rows
+        metrics["nsp_accuracy"] = extras["nsp_correct"] / rows
     return new_state, metrics
 
 
@@ -194,8 +240,8 @@ def make_train_step(model, optimizer, schedule, accum: int, dropout_seed: int | 
 
     def train_step(state: TrainState, batch: dict):
         rng = None if dropout_seed is None else dropout_key(dropout_seed, state.step)
-        grads, loss_sum, weight_sum = grads_and_sums(model, state.params, batch, accum, rng)
-        return apply_update(state, grads, loss_sum, weight_sum, optimizer, schedule)
+        grads, loss_sum, weight_sum, extras = grads_and_sums(model, state.params, batch, accum, rng)
+        return apply_update(state, grads, loss_sum, weight_sum, optimizer, schedule, extras)
 
     return train_step
 
@@ -212,9 +258,9 @@ def make_pmap_train_step(model, optimizer, schedule, accum: int, axis_name: str 
         rng = None
         if dropout_seed is not None:
             rng = jax.random.fold_in(dropout_key(dropout_seed, state.step), jax.lax.axis_index(axis_name))
-        grads, loss_sum, weight_sum = grads_and_sums(model, state.params, batch, accum, rng)
-        grads, loss_sum, weight_sum = jax.lax.psum((grads, loss_sum, weight_sum), axis_name)
-        return apply_update(state, grads, loss_sum, weight_sum, optimizer, schedule)
+        grads, loss_sum, weight_sum, extras = grads_and_sums(model, state.params, batch, accum, rng)
+        grads, loss_sum, weight_sum, extras = jax.lax.psum((grads, loss_sum, weight_sum, extras), axis_name)
+        return apply_update(state, grads, loss_sum, weight_sum, optimizer, schedule, extras)
 
     return train_step
 

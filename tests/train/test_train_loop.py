@@ -279,3 +279,13 @@ def test_step_time_is_each_steps_own_wall_time(tmp_path, monkeypatch):
 def cfg_tokens_per_step():
     cfg = tiny()
     return cfg.train.batch_size * cfg.data.seq_len
+
+
+def test_bert_pretraining_with_nsp_logs_nsp_metrics(tmp_path):
+    cfg = tiny("model.family=bert", "model.nsp_head=true", "data.nsp=true", "train.steps=3", "train.log_every=1")
+    assert run(cfg, str(tmp_path), devices=jax.devices()[:2]) == 0
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert np.isfinite(r["nsp_loss"]) and 0.3 < r["nsp_loss"] < 3.0  # ~ln 2 for an untrained head
+        assert 0.0 <= r["nsp_accuracy"] <= 1.0 and np.isfinite(r["loss"]) and r["loss"] > r["nsp_loss"]
