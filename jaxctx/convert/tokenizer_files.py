@@ -107,9 +107,9 @@ def add_task_template(out_dir: str, task: str, causal: bool, tokenizer: str) -> 
     from jaxctx.data.tokenizer import load_tokenizer
 
     path = os.path.join(out_dir, "tokenizer.json")
-    templates = task_templates(task, causal, load_tokenizer(tokenizer).special)
-    if templates is None or not os.path.isfile(path):
+    if task == "lm" or not os.path.isfile(path):  # a language model keeps its tokenizer exactly as it came
         return False
+    templates = task_templates(task, causal, load_tokenizer(tokenizer).special)
     tok = Tokenizer.from_file(path)
     names = {p[0]: tok.id_to_token(p[0]) for t in templates for p in t if isinstance(p, tuple)}
     missing = sorted(i for i, name in names.items() if name is None)
