@@ -24,8 +24,8 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
                 "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
 COLLECTIVES = ("collective-permute", "all-gather", "reduce-scatter", "all-to-all", "all-reduce")
 
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(\S+)\s.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.+?)\s+([a-z][a-z0-9-]*)\((.*)$")
+HLO_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(\S+)\s.*\{\s*$")  # also read by step_profile
+HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.+?)\s+([a-z][a-z0-9-]*)\((.*)$")  # name, type, opcode, rest
 _ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
 
@@ -76,13 +76,13 @@ def collective_bytes(hlo_text: str, op_name: str | None = None) -> dict[str, int
     calls: dict[str, list[tuple[str, int | None]]] = defaultdict(list)  # computation -> [(callee, times)]
     entry, current = None, None
     for line in hlo_text.splitlines():
-        head = _COMPUTATION.match(line)
+        head = HLO_COMPUTATION.match(line)
         if head and "=" not in line.split("(")[0]:
             current = head.group(1)
             if line.startswith("ENTRY"):
                 entry = current
             continue
-        inst = _INSTRUCTION.match(line)
+        inst = HLO_INSTRUCTION.match(line)
         if not inst or current is None:
             continue
         name, type_text, op, rest = inst.groups()

@@ -26,6 +26,8 @@ import os
 import re
 from collections import defaultdict
 
+from jaxctx.bench.collectives import HLO_COMPUTATION, HLO_INSTRUCTION
+
 CATEGORIES = ("matmul", "copy/layout", "reduce", "elementwise", "collective", "control", "other")
 MATMUL_OPS = {"dot", "convolution"}
 LAYOUT_OPS = {"copy", "transpose", "bitcast", "reshape", "broadcast", "slice", "dynamic-slice",
@@ -40,28 +42,9 @@ CONTROL_OPS = {"while", "conditional", "call", "async-start", "async-done"}
 OTHER_OPS = {"rng", "rng-bit-generator", "rng-get-and-update-state", "infeed", "outfeed", "custom-call",
              "partition-id", "replica-id", "after-all", "opt-barrier", "optimization-barrier"}
 
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _CALLS = re.compile(r"\bcalls=%?([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
-
-
-def _opcode(rest: str) -> str:
-    """The opcode after the result type: `f32[2,3]{1,0} dot(...)` or `(f32[2], s32[]) while(...)`."""
-    i = 0
-    if rest.startswith("("):  # a tuple type: skip to its closing parenthesis
-        depth = 0
-        for i, ch in enumerate(rest):
-            depth += ch == "("
-            depth -= ch == ")"
-            if depth == 0:
-                break
-        i += 1
-    else:
-        i = rest.find(" ")
-    match = re.match(r"\s*([\w\-]+)\(", rest[i:])
-    return match.group(1) if match else ""
 
 
 def parse_hlo(text: str) -> tuple[dict[str, dict], dict[str, list[str]]]:
@@ -70,23 +53,18 @@ def parse_hlo(text: str) -> tuple[dict[str, dict], dict[str, list[str]]]:
     computations: dict[str, list[str]] = {}
     current = None
     for line in text.splitlines():
-        if current is None or line.startswith(("%", "ENTRY")):
-            match = _COMPUTATION.match(line)
-            if match and not line.startswith(" "):
-                current = match.group(1)
-                computations[current] = []
-                continue
+        if not line.startswith(" ") and (match := HLO_COMPUTATION.match(line)):
+            current = match.group(1)
+            computations[current] = []
+            continue
         if line.strip() == "}":
             current = None
             continue
-        match = _INSTRUCTION.match(line)
+        match = HLO_INSTRUCTION.match(line)
         if match is None or current is None:
             continue
-        name, rest = match.groups()
-        opcode = _opcode(rest)
-        calls = _CALLS.search(rest)
-        op_name = _OP_NAME.search(rest)
-        target = _TARGET.search(rest)
+        name, _, opcode, rest = match.groups()
+        calls, op_name, target = (pattern.search(rest) for pattern in (_CALLS, _OP_NAME, _TARGET))
         instructions[name] = {"opcode": opcode, "calls": calls.group(1) if calls else None,
                               "op_name": op_name.group(1) if op_name else "", "target": target.group(1) if target else ""}
         computations[current].append(opcode)
