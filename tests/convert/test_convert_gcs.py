@@ -115,6 +115,15 @@ def test_from_hf_from_gs_to_gs_equals_the_local_import(gcs, hf, tmp_path, capsys
     config = yaml.safe_load(open(os.path.join(got, "config.yaml")))
     assert config["data"]["tokenizer"] == f"{GS}/ckpt/hf_files"
     _same_dirs(str(tmp_path / "ckpt-local" / "hf_files"), os.path.join(got, "hf_files"))
+    # `train.py --config gs://.../config.yaml` as from-hf suggests: the config and its gs:// tokenizer load.
+    from jaxctx.data.tokenizer import load_tokenizer
+
+    cfg = config_lib.load(f"{GS}/ckpt/config.yaml")
+    assert cfg.to_dict() == config_lib.load(str(tmp_path / "ckpt-local" / "config.yaml"), [
+        f"data.tokenizer={GS}/ckpt/hf_files"]).to_dict()
+    text = "def main():\n    return 0\n"
+    [got_ids], [want_ids] = (load_tokenizer(t).encode_batch([text]) for t in (cfg.data.tokenizer, src))
+    assert len(want_ids) > 0 and got_ids.tolist() == want_ids.tolist()
 
     # The gs:// checkpoint exports back to the same HF directory as the local one.
     assert main(["convert", "to-hf", f"{GS}/ckpt", str(tmp_path / "from-gs" / "hf")]) == 0
