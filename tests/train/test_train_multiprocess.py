@@ -218,7 +218,14 @@ def test_slurm_batch_shell_alone_runs_one_process(monkeypatch):
     assert calls == [((), {})]
 
 
-def test_slurm_sbatch_is_shellcheck_clean():
+def test_slurm_sbatch_is_shellcheck_clean_and_refuses_a_missing_config(tmp_path):
+    script = os.path.join(ROOT, "slurm", "train.sbatch")
     shellcheck = shutil.which("shellcheck") or os.path.join(os.path.dirname(sys.executable), "shellcheck")
-    done = subprocess.run([shellcheck, os.path.join(ROOT, "slurm", "train.sbatch")], capture_output=True, text=True)
+    done = subprocess.run([shellcheck, script], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+    # Before srun: no CONFIG, or one that is not there, is one line on stderr and exit 2 (srun never starts).
+    env = dict(os.environ, PATH=str(tmp_path), SLURM_SUBMIT_DIR=ROOT)  # no srun on PATH
+    for argv, message in (([], "usage: sbatch slurm/train.sbatch CONFIG"),
+                          (["configs/nope.yaml"], "config configs/nope.yaml does not exist")):
+        done = subprocess.run(["/bin/bash", script, *argv], env=env, capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
