@@ -86,6 +86,8 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
                  read_only: bool = False):
         self.directory = storage.absolute(directory)
+        if storage.is_url(self.directory):  # before TensorStore's first transfer: predict/evaluate/convert too
+            storage.set_tensorstore_timeouts()
         _quiet_failed_write_noise()
         if not read_only:
             storage.makedirs(self.directory)

@@ -638,14 +638,15 @@ def load(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -
     """Defaults <- YAML file <- `section.key=value` overrides; returns a resolved, validated Config."""
     values: dict = {}
     if path is not None:
+        from jaxctx import storage  # local or gs:// (e.g. the config.yaml of a from-hf checkpoint on GCS)
+
         path = os.fspath(path)
-        if not os.path.exists(path):
+        if not storage.exists(path):
             raise ConfigError(f"config file {path} does not exist")
-        if not os.path.isfile(path):
+        if not storage.isfile(path):
             raise ConfigError(f"config file {path} is not a file (give a .yaml experiment file)")
         try:
-            with open(path, encoding="utf-8") as f:
-                values = yaml.safe_load(f) or {}
+            values = yaml.safe_load(storage.read_bytes(path).decode("utf-8")) or {}
         except UnicodeDecodeError as err:
             raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as "
                               f"UTF-8 YAML") from None

@@ -172,11 +172,9 @@ def move_tree(src, dst) -> None:
     """Move a file or directory (GCS: copy every object under the prefix, then delete the originals)."""
     if is_url(src) or is_url(dst):
         source, target = _epath(src), _epath(dst)
-        for dirpath, _, files in source.walk():
-            for name in files:
-                rel = os.path.relpath(os.fspath(dirpath / name), os.fspath(source)).replace(os.sep, "/")
-                (target / rel).parent.mkdir(parents=True, exist_ok=True)
-                (dirpath / name).copy(target / rel, overwrite=False)
+        for rel in files_under(src):
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            (source / rel).copy(target / rel, overwrite=False)
         source.rmtree()
     else:
         shutil.move(src, dst)
@@ -188,3 +186,26 @@ def copy_file(src, dst) -> None:
         _epath(dst).write_bytes(read_bytes(src))
     else:
         shutil.copyfile(src, dst)
+
+
+def files_under(path) -> list[str]:
+    """Relative paths ("a/b.json", "/"-separated) of every file under a directory (a GCS prefix); [] if none."""
+    if is_url(path):
+        root = _epath(path)
+        if not root.is_dir():
+            return []
+        walk = list(root.walk())  # top-down: the first entry is root itself (its dirpath spelled without gs://)
+        base = len(os.fspath(walk[0][0]).rstrip("/")) + 1
+        return sorted((os.fspath(dirpath) + "/")[base:] + name for dirpath, _, names in walk for name in names)
+    found = [os.path.join(dirpath, name) for dirpath, _, names in os.walk(path) for name in names]
+    return sorted(os.path.relpath(f, path).replace(os.sep, "/") for f in found)
+
+
+def copy_files(src, dst, relative_paths) -> None:
+    """Copy the files `relative_paths` ("/"-separated) from directory `src` to directory `dst`, in the given
+    order (either side may be a URL); parent directories are made as needed, existing files overwritten."""
+    for rel in relative_paths:
+        target = join(dst, *rel.split("/"))
+        if not is_url(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        copy_file(join(src, *rel.split("/")), target)

@@ -4,6 +4,7 @@ Clients are pointed at it by environment variables: STORAGE_EMULATOR_HOST (gcsfs
 TENSORSTORE_GCS_HTTP_URL (TensorStore, which Orbax writes arrays through); no credentials are needed.
 """
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -47,3 +48,22 @@ class Emulator:
         self.proc.terminate()
         self.proc.wait(timeout=30)
         self._log.close()
+
+
+@contextlib.contextmanager
+def emulated_gcs(log_path):
+    """An Emulator with its variables set in os.environ (restored afterwards): gs:// reaches it from this process."""
+    emulator = Emulator(log_path)
+    saved = {k: os.environ.get(k) for k in emulator.env}
+    os.environ.update(emulator.env)
+    import fsspec.config
+    fsspec.config.set_conf_env(fsspec.config.conf)  # FSSPEC_GS_TOKEN, read at fsspec import, read again
+    try:
+        yield emulator
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        emulator.stop()

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from gcs_emulator import BUCKET, Emulator
+from gcs_emulator import BUCKET, emulated_gcs
 from jaxctx import config as config_lib
 from jaxctx import storage
 from jaxctx.errors import WorkdirError
@@ -32,18 +32,8 @@ TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
-    emulator = Emulator(tmp_path_factory.mktemp("gcs") / "emulator.log")
-    saved = {k: os.environ.get(k) for k in emulator.env}
-    os.environ.update(emulator.env)
-    import fsspec.config
-    fsspec.config.set_conf_env(fsspec.config.conf)  # FSSPEC_GS_TOKEN, read at fsspec import, read again
-    yield emulator
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    emulator.stop()
+    with emulated_gcs(tmp_path_factory.mktemp("gcs") / "emulator.log") as emulator:
+        yield emulator
 
 
 def test_storage_primitives_on_gs(gcs):
@@ -99,8 +89,6 @@ def test_tensorboard_files_in_the_bucket(gcs, tmp_path):
     for row in want:
         log.append(row)
     log.close()
-    import gc
-    gc.collect()  # tensorboardX's GCS writer uploads once more when collected: while the emulator still runs
     assert [json.loads(x) for x in storage.read_text(f"{workdir}/metrics.jsonl").splitlines()] == want
     [name] = storage.listdir(f"{workdir}/tensorboard")
     storage.copy_file(f"{workdir}/tensorboard/{name}", str(tmp_path / name))

@@ -28,8 +28,9 @@ import warnings
 import numpy as np
 
 from jaxctx import config as config_lib
+from jaxctx import storage
 from jaxctx.config import Config, DataConfig, ModelConfig
-from jaxctx.convert import hf_bert, hf_gpt2, hf_llama, io, mapping, model_card, tokenizer_files
+from jaxctx.convert import hf_bert, hf_gpt2, hf_llama, io, mapping, model_card, staging, tokenizer_files
 from jaxctx.convert.errors import (ConvertError, TensorMismatchError, TokenizerNotFoundError,
                                    UnsupportedModelError)
 
@@ -247,19 +248,33 @@ def to_hf(cfg: Config | ModelConfig, params, out_dir: str, *, dtype: str = "floa
 # ----------------------------------------------------------------------------------------------------------
 
 def import_checkpoint(hf_dir: str, out_dir: str, *, force: bool = False, max_positions: int | None = None,
-                      extend_positions: str | None = None, rope_scaling: str | None = None) -> dict:
-    """`jaxctx convert from-hf`: HF directory -> params-only jaxctx checkpoint (+ config.yaml, hf_files/)."""
+                      extend_positions: str | None = None, rope_scaling: str | None = None,
+                      recorded_as: tuple[str, str] | None = None) -> dict:
+    """`jaxctx convert from-hf`: HF directory -> params-only jaxctx checkpoint (+ config.yaml, hf_files/).
+
+    Either may be a gs:// URL (staged through a local temp dir, see staging.py); recorded_as: the (source,
+    output) paths the checkpoint records instead of the local ones, which staging passes.
+    """
     from jaxctx.checkpoint import save_params
 
+    if staging.involves_url(hf_dir, out_dir):
+        with staging.temp_dir() as tmp, staging.local_output(out_dir, tmp, force=force,
+                                                             sources=(hf_dir,)) as local_out:
+            local_hf = staging.stage_hf_dir(hf_dir, tmp) if storage.is_url(hf_dir) else hf_dir
+            report = import_checkpoint(local_hf, local_out, force=force, max_positions=max_positions,
+                                       extend_positions=extend_positions, rope_scaling=rope_scaling,
+                                       recorded_as=(storage.absolute(hf_dir), storage.absolute(out_dir)))
+        return {**report, "out_dir": storage.absolute(out_dir)}
     hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
+    recorded_hf, recorded_out = recorded_as or (hf_dir, out_dir)
     cfg, params = from_hf(hf_dir, max_positions=max_positions, extend_positions=extend_positions,
                           rope_scaling=rope_scaling)
     side_files = [name for name in io.SIDE_FILES if os.path.isfile(os.path.join(hf_dir, name))]
     if io.has_tokenizer_files(hf_dir):  # the converted config trains with the model's own tokenizer
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=os.path.join(out_dir, HF_FILES)))
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=storage.join(recorded_out, HF_FILES)))
     hf = io.read_hf_config(hf_dir)
     meta = {"config": cfg.to_dict(), "step": 0,
-            "source": {"format": "huggingface", "path": hf_dir, "model_type": hf.get("model_type"),
+            "source": {"format": "huggingface", "path": recorded_hf, "model_type": hf.get("model_type"),
                        "architectures": hf.get("architectures")}}
     with io.output_dir(out_dir, force=force, sources=(hf_dir,)) as tmp:
         save_params(tmp, params, meta)
@@ -271,15 +286,28 @@ def import_checkpoint(hf_dir: str, out_dir: str, *, force: bool = False, max_pos
 
 
 def export_checkpoint(src: str, out_dir: str, *, force: bool = False, dtype: str = "float32",
-                      shard_size: str | int = "5GB", step: int | None = None, tokenizer: str | None = None) -> dict:
+                      shard_size: str | int = "5GB", step: int | None = None, tokenizer: str | None = None,
+                      recorded_source: str | None = None) -> dict:
     """`jaxctx convert to-hf`: a checkpoint root or training workdir (latest step) -> HF directory.
 
     The export holds the weights, config.json (with the tokenizer's bos/eos/pad ids), the tokenizer (see
     `_choose_tokenizer`; `tokenizer` = a directory or "byte" overrides it), generation_config.json for causal LMs
     and a README.md model card of what the checkpoint and workdir recorded.
+
+    src, out_dir and tokenizer may be gs:// URLs: one step's params and the workdir's small files are downloaded
+    to a local temp dir and the export uploaded (staging.py); recorded_source: the source the card names then.
     """
     from jaxctx.checkpoint import checkpoint_dir, load_params
 
+    if staging.involves_url(src, out_dir, tokenizer):
+        sources = (src, storage.join(src, "checkpoints"))
+        with staging.temp_dir() as tmp, staging.local_output(out_dir, tmp, force=force, sources=sources) as local_out:
+            local_src = staging.stage_checkpoint(src, step, tmp) if storage.is_url(src) else src
+            if tokenizer is not None and storage.is_url(tokenizer):
+                tokenizer = staging.stage_hf_dir(tokenizer, tmp)
+            report = export_checkpoint(local_src, local_out, force=force, dtype=dtype, shard_size=shard_size,
+                                       step=step, tokenizer=tokenizer, recorded_source=storage.absolute(src))
+        return {**report, "out_dir": storage.absolute(out_dir)}
     src = os.path.abspath(src)
     root = checkpoint_dir(src)
     if out_dir and os.path.abspath(out_dir) in (src, root):
@@ -293,14 +321,17 @@ def export_checkpoint(src: str, out_dir: str, *, force: bool = False, dtype: str
     if side_dir and os.path.isfile(os.path.join(side_dir, io.CONFIG_FILE)):
         hf_config = io.read_hf_config(side_dir)
     tokenizer_dir = _choose_tokenizer(root, cfg, meta, side_dir, tokenizer)
+    shown_tokenizer = tokenizer_dir
+    if recorded_source and tokenizer_dir and tokenizer_dir.startswith(src + os.sep):  # a staged copy: its origin
+        shown_tokenizer = storage.join(recorded_source, os.path.relpath(tokenizer_dir, src))
     name = os.path.basename(os.path.abspath(out_dir)) if out_dir else "model"
-    card = model_card.model_card(cfg, name=name, step=meta.get("step"), source=src, meta=meta,
-                                 metrics=model_card.read_metrics(src, meta.get("step")), tokenizer=tokenizer_dir,
+    card = model_card.model_card(cfg, name=name, step=meta.get("step"), source=recorded_source or src, meta=meta,
+                                 metrics=model_card.read_metrics(src, meta.get("step")), tokenizer=shown_tokenizer,
                                  params=_count(params))
     path = to_hf(cfg, params, out_dir, dtype=dtype, shard_size=shard_size, force=force, hf_config=hf_config,
                  tokenizer_dir=tokenizer_dir, card=card)
     return {"out_dir": path, "config": cfg, "step": meta.get("step"), "params": _count(params),
-            "files": sorted(os.listdir(path)), "tokenizer_dir": tokenizer_dir}
+            "files": sorted(os.listdir(path)), "tokenizer_dir": shown_tokenizer}
 
 
 def _choose_tokenizer(root: str, cfg: Config, meta: dict, side_dir: str | None, override: str | None) -> str | None:

@@ -15,10 +15,10 @@ workdir (`save_labels`) so `jaxctx predict` and exports can name the ids.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from jaxctx import storage
 from jaxctx.data.errors import DataError
 
 LABELS_FILE = "labels.json"
@@ -94,28 +94,24 @@ def collect_labels(column: Sequence[Any], *, field: str, description: str, num_l
 
 
 def save_labels(workdir: str, labels: LabelSet, extra: dict | None = None) -> str:
-    """Write `labels.json` into `workdir` (atomically); refuse if one there names other labels."""
-    path = os.path.join(workdir, LABELS_FILE)
+    """Write `labels.json` into `workdir` (local or gs://, atomically); refuse if one there names other labels."""
+    path = storage.join(workdir, LABELS_FILE)
     record = {**labels.to_json(), **(extra or {})}
-    if os.path.exists(path):
+    if storage.exists(path):
         old = load_labels(path)
         if old.names != labels.names:
             raise DataError(f"{path} names the labels {list(old.names)} but the data now gives {list(labels.names)};"
                             f" use a new workdir for other labels")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
+    storage.write_atomic(path, json.dumps(record, indent=1))
     return path
 
 
 def load_labels(path: str) -> LabelSet:
-    """A LabelSet from a `labels.json` file (or a workdir holding one)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, LABELS_FILE)
+    """A LabelSet from a `labels.json` file (or a workdir holding one), local or gs://."""
+    if storage.isdir(path):
+        path = storage.join(path, LABELS_FILE)
     try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
+        record = json.loads(storage.read_text(path))
         return LabelSet(tuple(record["names"]), record["kind"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"cannot read the label set {path}: {err}") from None

@@ -18,6 +18,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from jaxctx import storage
 from jaxctx.data.errors import DataError, DataFileNotFoundError, TokenizerFilesError, VocabSizeError
 
 # Names of the special tokens, in id order for the byte tokenizer and the BPE trainer.
@@ -118,6 +119,23 @@ class HFTokenizer:
         return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"
 
 
+def _local_copy(url: str) -> str:
+    """A gs:// tokenizer directory's tokenizer files, downloaded into a temporary directory (kept for the process:
+    transformers reads them lazily)."""
+    import tempfile
+
+    if not storage.isdir(url):
+        raise DataFileNotFoundError(f"data.tokenizer={url!r} does not exist (no objects under that prefix)")
+    found = storage.listdir(url)
+    if not any(n in TOKENIZER_FILES for n in found):
+        raise TokenizerFilesError(f"tokenizer directory {url} holds no tokenizer files (expected one of "
+                                  f"{', '.join(TOKENIZER_FILES)}); it has: {', '.join(found[:20]) or 'nothing'}")
+    local = tempfile.mkdtemp(prefix="jaxctx-tokenizer-")
+    side = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt")
+    storage.copy_files(url, local, [n for n in found if n in TOKENIZER_FILES + side])
+    return local
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
     """`"byte"` -> the built-in byte tokenizer; a local directory -> `AutoTokenizer.from_pretrained(dir)`.
 
@@ -126,7 +144,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
     """
     if spec == "byte":
         return ByteTokenizer()
-    path = os.path.expanduser(spec)
+    path = _local_copy(spec) if storage.is_url(spec) else os.path.expanduser(spec)
     if not os.path.isdir(path):
         raise DataFileNotFoundError(
             f"data.tokenizer={spec!r} is neither 'byte' nor an existing directory; pass a local Hugging Face "

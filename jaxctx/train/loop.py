@@ -42,17 +42,27 @@ def default_workdir(config_path: str | None) -> str:
     return os.path.join(DEFAULT_WORKDIR_ROOT, name)
 
 
+# What `srun` sets for each task and JAX's SLURM cluster detection (jax/_src/clusters/slurm_cluster.py) needs to
+# derive the coordinator (first host of SLURM_STEP_NODELIST, port 61440 + SLURM_JOB_ID % 4096 unless
+# JAX_COORDINATOR_PORT), the process count/id and the one local GPU of this task (SLURM_LOCALID).
+SLURM_STEP_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
 def maybe_initialize_distributed(cfg_parallel) -> None:
     """jax.distributed.initialize() when the config or the environment describes a multi-process job."""
-    explicit = cfg_parallel.coordinator_address is not None
-    # JAXCTX_DISTRIBUTED: set by tpu/launch; a Cloud TPU VM's environment names no cluster (JAX finds the slice's
-    # workers from the VM metadata once asked to initialize).
-    cluster = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
-                                             "MEGASCALE_COORDINATOR_ADDRESS", "JAXCTX_DISTRIBUTED"))
-    if explicit:
+    if cfg_parallel.coordinator_address is not None:
         jax.distributed.initialize(coordinator_address=cfg_parallel.coordinator_address,
                                    num_processes=cfg_parallel.num_processes, process_id=cfg_parallel.process_id)
-    elif cluster and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
+        return
+    # A SLURM job step of several tasks (`srun`). Only srun's step variables count: a batch script or `salloc`
+    # shell also has SLURM_NTASKS but runs one process, which JAX could not join to a cluster.
+    slurm = (all(k in os.environ for k in SLURM_STEP_VARIABLES) and os.environ["SLURM_NTASKS"].isdigit()
+             and int(os.environ["SLURM_NTASKS"]) > 1)
+    # JAXCTX_DISTRIBUTED: set by tpu/launch; a Cloud TPU VM's environment names no cluster (JAX finds the slice's
+    # workers from the VM metadata once asked to initialize).
+    other = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES",
+                                          "MEGASCALE_COORDINATOR_ADDRESS", "JAXCTX_DISTRIBUTED"))
+    if slurm or other:
         jax.distributed.initialize()
 
 

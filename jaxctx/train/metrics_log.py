@@ -70,11 +70,23 @@ class MetricsLog:
 
     def close(self) -> None:
         if self._tensorboard is not None:
+            record = _gcs_record_writer(self._tensorboard)
             self._tensorboard.close()
+            if record is not None:  # close() uploaded everything; its __del__ would upload it all again
+                record.close = lambda: None
             self._tensorboard = None
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _gcs_record_writer(writer):
+    """The gs:// record writer under a tensorboardX SummaryWriter, or None. Its `__del__` uploads the whole buffer
+    again, and tensorboardX's atexit hook keeps it alive until interpreter exit, where the upload can only retry
+    for 120 s if the endpoint is gone (a stopped emulator, a lost network)."""
+    events = getattr(getattr(getattr(writer, "file_writer", None), "event_writer", None), "_ev_writer", None)
+    record = getattr(getattr(events, "_py_recordio_writer", None), "_writer", None)
+    return record if type(record).__name__ == "GCSRecordWriter" else None
 
 
 def wandb_run_id(workdir: str) -> str:

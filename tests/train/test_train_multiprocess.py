@@ -7,7 +7,6 @@ then group 1's, built by the same pipeline with process_index 0 and 1.
 
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -40,28 +39,20 @@ def _port_free(port: int) -> bool:
         return True
 
 
-def _launch(workdir, processes: int, devices_per_process: int, overrides,
-            slurm: bool = False) -> list[tuple[int, str, str]]:
+def _launch(workdir, processes: int, devices_per_process: int, overrides) -> list[tuple[int, str, str]]:
     """Run train.py as `processes` jax.distributed processes of `devices_per_process` fake CPU devices each;
-    [(exit code, stdout, stderr)] per process. slurm: no parallel.* keys, only the variables `srun` sets (one
-    node, one task per process); JAX's SLURM detection derives the coordinator from them."""
+    [(exit code, stdout, stderr)] per process."""
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
                PYTHONUNBUFFERED="1")
-    if slurm:  # the coordinator port is 61440 + SLURM_JOB_ID % 4096: pick a job id whose port is free
-        port = next(p for p in random.Random().sample(range(61440, 65536), 200) if _port_free(p))
-        env.update(SLURM_JOB_ID=str(1_000_000 * 4096 + port - 61440), SLURM_NTASKS=str(processes),
-                   SLURM_STEP_NODELIST="localhost", SLURM_STEP_NUM_NODES="1", SLURM_NNODES="1",
-                   SLURM_JOB_NODELIST="localhost")
     procs = []
     for i in range(processes):
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, "--workdir", str(workdir)]
-        cluster = () if slurm else (f"parallel.coordinator_address=localhost:{port}",
-                                    f"parallel.num_processes={processes}", f"parallel.process_id={i}")
+        cluster = (f"parallel.coordinator_address=localhost:{port}", f"parallel.num_processes={processes}",
+                   f"parallel.process_id={i}")
         for o in (*overrides, *cluster):
             cmd += ["--set", o]
-        proc_env = dict(env, SLURM_PROCID=str(i), SLURM_LOCALID=str(i)) if slurm else env
-        procs.append(subprocess.Popen(cmd, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return [(p.returncode, *out) for p, out in ((p, p.communicate(timeout=300)) for p in procs)]
 
 
@@ -113,19 +104,6 @@ def test_two_processes_match_one(tmp_path, monkeypatch):
     _assert_same_steps(tmp_path / "multi", tmp_path / "single", 6)
 
 
-@pytest.mark.slow
-def test_srun_environment_starts_two_processes_like_one(tmp_path, monkeypatch):
-    """What `slurm/train.sbatch` relies on: train.py under the variables srun sets (and no parallel.* keys) joins
-    one jax.distributed job through JAX's SLURM detection and trains exactly as one process with both shards."""
-    args = ("train.steps=3", "train.log_every=1", "train.checkpoint_every=3", "data.validation_fraction=0")
-    results = _launch(tmp_path / "multi", 2, 1, args, slurm=True)
-    _assert_ok(results)
-    assert "workdir:" in results[0][1] and "workdir:" not in results[1][1]  # process 1 knows it is not 0
-    monkeypatch.setattr(pipeline, "build_iterator", _BothShards)
-    assert run(config_lib.load(TINY, list(args)), str(tmp_path / "single"), devices=jax.devices()[:2]) == 0
-    _assert_same_steps(tmp_path / "multi", tmp_path / "single", 3)
-
-
 CP_ARGS = ("train.steps=4", "train.log_every=1", "train.checkpoint_every=2", "data.validation_fraction=0")
 
 
@@ -170,3 +148,78 @@ def test_rows_shared_in_part_by_two_processes_are_refused_before_writing(tmp_pat
         assert "processes [0, 1] share some batch rows but not all" in line, line
         assert "parallel.sequence x parallel.tensor = 2" in line, line
     assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")
+
+
+# A stand-in for SLURM's srun: starts SLURM_NTASKS copies of its command on this machine, each with the variables
+# a real srun sets for its task, and exits with the first non-zero status.
+FAKE_SRUN = """#!{python}
+import os, subprocess, sys
+args = sys.argv[1:]
+while args[0].startswith("-"):  # srun's own options (--kill-on-bad-exit=1), then the command
+    args.pop(0)
+n = int(os.environ["SLURM_NTASKS"])
+procs = [subprocess.Popen(args, env=dict(os.environ, SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_NODEID="0",
+                                         SLURM_STEP_ID="0", SLURM_STEP_NODELIST="localhost",
+                                         SLURM_STEP_NUM_NODES="1", SLURM_STEP_NUM_TASKS=str(n)))
+         for i in range(n)]
+codes = [p.wait() for p in procs]
+sys.exit(next((c for c in codes if c), 0))
+"""
+
+
+def _slurm_job_id() -> int:
+    """A job id whose coordinator port (JAX: 61440 + SLURM_JOB_ID % 4096) is free on this machine now."""
+    for job_id in np.random.default_rng().permutation(4096):
+        if _port_free(61440 + int(job_id)):
+            return 4096 * 7 + int(job_id)
+    raise AssertionError("no free port in 61440-65535")
+
+
+@pytest.mark.slow
+def test_slurm_sbatch_trains_like_one_process(tmp_path, monkeypatch):
+    """slurm/train.sbatch under a stand-in srun that starts 2 tasks with srun's variables: train.py initializes
+    jax.distributed from them alone (JAX's SLURM detection: coordinator localhost, port from SLURM_JOB_ID) and
+    trains equal to one process fed both tasks' rows."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN.format(python=sys.executable))
+    (bin_dir / "srun").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_COORDINATOR"))}
+    # What sbatch sets for the batch script of `--nodes=1 --ntasks-per-node=2`; srun adds the per-task rest.
+    env.update(PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), env["PATH"]]),
+               SLURM_JOB_ID=str(_slurm_job_id()), SLURM_NTASKS="2",
+               SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1", SLURM_SUBMIT_DIR=ROOT,
+               VENV=str(tmp_path / "no-venv"), WORKDIR=str(tmp_path / "multi"),
+               XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+    args = [x for o in ARGS for x in ("--set", o)]
+    done = subprocess.run(["bash", os.path.join(ROOT, "slurm", "train.sbatch"), TINY, *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "jaxctx: job" in done.stdout and done.stdout.count("workdir:") == 1  # process 0 alone logs
+    monkeypatch.setattr(pipeline, "build_iterator", _BothShards)
+    assert run(config_lib.load(TINY, list(ARGS)), str(tmp_path / "single"), devices=jax.devices()[:2]) == 0
+    _assert_same_steps(tmp_path / "multi", tmp_path / "single", 6)
+
+
+def test_slurm_batch_shell_alone_runs_one_process(monkeypatch):
+    """A batch script or salloc shell has SLURM_NTASKS but no srun step: one process, no jax.distributed (JAX could
+    not find the other tasks). An srun step of several tasks initializes with JAX's detection (no arguments)."""
+    from jaxctx.train import loop
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    for name in [k for k in os.environ if k.startswith("SLURM_")] + ["JAX_COORDINATOR_ADDRESS", "JAXCTX_DISTRIBUTED",
+                                                                       "TPU_WORKER_HOSTNAMES",
+                                                                       "MEGASCALE_COORDINATOR_ADDRESS"]:
+        monkeypatch.delenv(name, raising=False)
+    parallel = config_lib.load(TINY).parallel
+    for k, v in dict(SLURM_JOB_ID="7", SLURM_NTASKS="8", SLURM_PROCID="0", SLURM_LOCALID="0").items():
+        monkeypatch.setenv(k, v)
+    loop.maybe_initialize_distributed(parallel)
+    assert calls == []
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "gpu[001-002]")
+    loop.maybe_initialize_distributed(parallel)
+    assert calls == [((), {})]
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # `srun -n1`: one process
+    loop.maybe_initialize_distributed(parallel)
+    assert calls == [((), {})]
