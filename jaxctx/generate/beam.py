@@ -5,7 +5,8 @@ Per step, with K = num_beams and M = max(2, 1 + #end ids) * K candidates per pro
 1. log_softmax of each beam's logits, processed (repetition penalty), plus the beam's running score -> [B, K*V];
    the top M continuations.
 2. Candidates ending in an end id, or reaching max_new_tokens, are finished. The best K unfinished ones are the
-   next running beams (their cache rows are gathered: the cache is reordered by beam every step).
+   next running beams (their rows of the generated-token cache are gathered every step; the prompt's cache is
+   the same for every beam of a prompt, so it is never reordered).
 3. Finished candidates among the top K enter the finished set with score sum_logprob / length ** length_penalty
    (length = new tokens including the end token) and the best K of old and new finished hypotheses are kept.
 4. Stop when every running beam hits a stop, when early_stopping=True and K hypotheses are finished, or when the
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxctx.generate import processors
-from jaxctx.generate.decoder import Cache, decode_step, end_reason, prefill, shard_cache
+from jaxctx.generate.decoder import Cache, PromptCache, decode_step, end_reason, prefill, shard_cache
 from jaxctx.generate.settings import GenerationSettings, Knobs
 
 NEG = -1.0e9  # transformers' "impossible" score; a finite value keeps sums and comparisons well defined
@@ -35,15 +36,19 @@ def beam_loop(model, params, prompt: jax.Array, valid: jax.Array, settings: Gene
     """Beam search of a left-padded batch -> (best hypothesis tokens [B, N], lengths [B], reasons [B]).
 
     settings is the static part (`GenerationSettings.compile_key`), knobs the traced values."""
-    b, p = prompt.shape
+    b = prompt.shape[0]
     k_beams, n = settings.num_beams, settings.max_new_tokens
     m = max(2, 1 + len(settings.end_ids)) * k_beams
-    logits, cache = prefill(model, params, prompt, valid, p + n)
+    logits, cache = prefill(model, params, prompt, valid, n)
     vocab = logits.shape[-1]
-    # Every beam starts from the prompt: repeat the rows K times ([B*K, ...], beam-major within a prompt).
-    cache = Cache(tuple(shard_cache(jnp.repeat(x, k_beams, axis=0)) for x in cache.k),
-                  tuple(shard_cache(jnp.repeat(x, k_beams, axis=0)) for x in cache.v),
-                  jnp.repeat(cache.slot_valid, k_beams, axis=0), jnp.repeat(cache.next_position, k_beams, axis=0))
+
+    def repeat(buffers):  # every beam starts from the prompt: rows repeated K times ([B*K, ...], beam-major)
+        return tuple(shard_cache(jnp.repeat(x, k_beams, axis=0)) for x in buffers)
+
+    # The prompt's part is a loop invariant (the body closes over it); only the generated part is loop state.
+    prompt_cache = PromptCache(repeat(cache.prompt.k), repeat(cache.prompt.v),
+                               jnp.repeat(cache.prompt.valid, k_beams, axis=0))
+    cache = Cache(None, repeat(cache.k), repeat(cache.v), jnp.repeat(cache.next_position, k_beams, axis=0))
     logits = jnp.repeat(logits, k_beams, axis=0)  # [B*K, V]
     seen = None
     if settings.repetition_penalty != 1.0:
@@ -91,17 +96,18 @@ def beam_loop(model, params, prompt: jax.Array, valid: jax.Array, settings: Gene
         go_on = (jnp.any(unsatisfied) & ~(jnp.all(finished) & (settings.early_stopping is True))
                  & ~jnp.all(hits) & (step < n - 1))
 
-        # Reorder the cache rows to the new beams' parents, then feed each beam's newest token.
+        # Reorder the generated cache's rows to the new beams' parents (a parent is a beam of the same prompt,
+        # whose prompt cache rows are equal), then feed each beam's newest token.
         rows = (jnp.arange(b)[:, None] * k_beams + parent).reshape(-1)  # [B*K]
-        cache = Cache(tuple(x[rows] for x in cache.k), tuple(x[rows] for x in cache.v), cache.slot_valid[rows],
+        cache = Cache(prompt_cache, tuple(x[rows] for x in cache.k), tuple(x[rows] for x in cache.v),
                       cache.next_position[rows])
         new_tokens = next_seq[:, :, step].reshape(-1)
         if seen is not None:
             seen = processors.mark_seen(seen[rows], new_tokens)
-        logits, cache = jax.lax.cond(go_on, lambda: decode_step(model, params, new_tokens, cache, p + step),
+        logits, cache = jax.lax.cond(go_on, lambda: decode_step(model, params, new_tokens, cache, step),
                                      lambda: (logits, cache))
-        return (step + 1, logits, cache, seen, next_seq, next_score, fin_seq, fin_score, fin_len, finished,
-                unsatisfied, go_on)
+        return (step + 1, logits, cache._replace(prompt=None), seen, next_seq, next_score, fin_seq, fin_score,
+                fin_len, finished, unsatisfied, go_on)
 
     pad_seq = jnp.full((b, k_beams, n), knobs.pad_id, jnp.int32)
     run_score = jnp.zeros((b, k_beams), jnp.float32).at[:, 1:].set(NEG)  # identical beams: only one may expand

@@ -113,7 +113,7 @@ class CausalLM(nn.Module):
         """One generation step: (last-position logits [B, V] f32, (k, v) [L, B, T, Hkv, Dh]).
 
         cache: `kv_cache.PrefillCache()` (the prompt, with padding as its own segment in segment_ids) or a
-        `kv_cache.DecodeCache` (tokens at slots [index, index + T) attending to the cache). Only the last
+        `kv_cache.DecodeCache` (tokens at generated slots [index, index + T) attending to the cache). Only the last
         position is projected to the vocabulary: a long prompt never makes [B, T, V] logits.
         """
         h, kv = self._trunk(input_ids, segment_ids, positions, None, cache=cache)

@@ -265,7 +265,8 @@ class Attention(nn.Module):
         n = context_parallel_size()
         drop_key = None if cache is not None else dropout_rng(self, cfg.attention_dropout)
         if isinstance(cache, DecodeCache):  # queries read the cache and the new keys; the caller writes them
-            out = cached_attention(q, cache.k, cache.v, k, v, cache.index, cache.slot_valid)  # [B, t, H, Dh]
+            out = cached_attention(q, cache.prompt_k, cache.prompt_v, cache.prompt_valid, cache.k, cache.v,
+                                   cache.index, k, v)  # [B, t, H, Dh]
         elif n > 1:  # tokens in zigzag layout, T split over the `sequence` axis; masks by original position
             positions = jnp.asarray(to_layout_index(q.shape[1], n), jnp.int32)  # [T]
             out = ring_attention_in_layout(q, k, v, positions, mesh=context_mesh(), axis=SEQUENCE_AXIS,

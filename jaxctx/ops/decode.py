@@ -1,11 +1,19 @@
-"""Attention of a few new queries against a preallocated key/value cache (the decode step of generation).
+"""Attention of a few new queries against a key/value cache in two parts (the decode step of generation).
 
-The cache has S slots; a call's t new tokens belong at slots [index, index + t), so query i sits at slot index + i
-and sees every valid slot before index and the new tokens up to its own (the cache is only read: the caller
-writes the new keys afterwards, in place). Slot validity is per row ([B, S]): left-padded
-prompts mark their padding slots invalid, so rows of different prompt lengths share one slot index. The scores
-are [B, H, t, S]: O(S) per new token, which is what decoding costs anyway (prefill of a long prompt goes through
-the blockwise kernel instead, see `jaxctx.generate`).
+The cache of a decoding batch has two parts, both head-major `[B, Hkv, S, D]`, the layout the two einsums read
+without a transpose:
+
+- the **prompt** part: the prompt's keys and values, written once by prefill and only read afterwards
+  (`prompt_valid [B, P]` marks left padding invalid, so rows of different prompt lengths share one layout);
+- the **generated** part `[B, Hkv, N, D]`: generated token j's key at slot j, for every row. A call's t new tokens
+  belong at slots [index, index + t): query i sees the generated slots below index and the new tokens up to its
+  own (the generated part is only read here; the caller writes the new keys afterwards).
+
+Why two parts: inside the decode `while_loop` XLA:CPU copies a loop-carried buffer that is both read by a dot and
+updated in place, so one `[B, S, Hkv, D]` cache cost several full copies and transposes of every layer's cache
+per token. The prompt part is a loop invariant, read directly by the dot; only the small generated part is
+carried. The three score blocks share one softmax (one max, one sum). Scores are [B, Hkv, G·t, S]: O(S) per new
+token, which is what decoding costs anyway (prefill of a long prompt goes through the blockwise kernel instead).
 """
 
 from __future__ import annotations
@@ -14,39 +22,51 @@ import jax
 import jax.numpy as jnp
 
 
-def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, k_new: jax.Array, v_new: jax.Array,
-                     index: jax.Array, slot_valid: jax.Array) -> jax.Array:
-    """Causal attention of t new queries against the cache and their own keys, softmax in float32.
+def cached_attention(q: jax.Array, prompt_k: jax.Array, prompt_v: jax.Array, prompt_valid: jax.Array,
+                     k_cache: jax.Array, v_cache: jax.Array, index: jax.Array, k_new: jax.Array,
+                     v_new: jax.Array) -> jax.Array:
+    """Causal attention of t new queries against the prompt, the generated tokens so far and themselves.
 
-    q [B, t, H, D] (the queries of slots index .. index+t-1); k_cache, v_cache [B, S, Hkv, D], read only: slots
-    below `index` where slot_valid [B, S] is True are visible (slots from index on are not read, so the caller
-    writes the new keys there afterwards); k_new, v_new [B, t, Hkv, D], causal among themselves. The two score
-    blocks share one softmax (one max, one sum), so the cache is never copied to make room for the new keys.
-    H % Hkv == 0 (GQA: each k/v head serves H // Hkv query heads, never repeated in memory). A query with no
-    visible key returns 0.
+    q [B, t, H, D]; prompt_k, prompt_v [B, Hkv, P, D] with prompt_valid [B, P] (all visible to every new query
+    where True); k_cache, v_cache [B, Hkv, N, D], read only: generated slots below `index` are visible (slots
+    from index on are not read, so the caller writes the new keys there afterwards); k_new, v_new [B, t, Hkv, D],
+    causal among themselves. Softmax in float32. H % Hkv == 0 (GQA: each k/v head serves H // Hkv query heads,
+    never repeated in memory). A query with no visible key returns 0.
     """
     b, t, h, d = q.shape
-    s, hkv = k_cache.shape[1], k_cache.shape[2]
-    if (h % hkv or k_cache.shape != v_cache.shape or slot_valid.shape != (b, s)
+    hkv, p, n = prompt_k.shape[1], prompt_k.shape[2], k_cache.shape[2]
+    if (h % hkv or prompt_k.shape != (b, hkv, p, d) or prompt_v.shape != prompt_k.shape
+            or prompt_valid.shape != (b, p) or k_cache.shape != (b, hkv, n, d) or v_cache.shape != k_cache.shape
             or k_new.shape != (b, t, hkv, d) or v_new.shape != k_new.shape):
-        raise ValueError(f"cached_attention: q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}, "
-                         f"k_new {k_new.shape}, slot_valid {slot_valid.shape} do not fit (H % Hkv == 0, "
-                         f"slot_valid [B, S], k_new [B, t, Hkv, D])")
+        raise ValueError(f"cached_attention: q {q.shape}, prompt_k {prompt_k.shape}, prompt_v {prompt_v.shape}, "
+                         f"prompt_valid {prompt_valid.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}, "
+                         f"k_new {k_new.shape}, v_new {v_new.shape} do not fit (H % Hkv == 0, caches "
+                         f"[B, Hkv, S, D], prompt_valid [B, P], new keys [B, t, Hkv, D])")
     groups = h // hkv
     scale = 1.0 / jnp.sqrt(jnp.float32(d))
-    qf = q.astype(jnp.float32).reshape(b, t, hkv, groups, d)  # [B, t, Hkv, G, D]
-    old = jnp.einsum("bqhgd,bshd->bhgqs", qf, k_cache.astype(jnp.float32)) * scale  # [B, Hkv, G, t, S]
-    new = jnp.einsum("bqhgd,bshd->bhgqs", qf, k_new.astype(jnp.float32)) * scale  # [B, Hkv, G, t, t]
-    old_visible = (jnp.arange(s)[None, :] < index) & slot_valid  # [B, S]
-    new_visible = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [t, t]
-    old = jnp.where(old_visible[:, None, None, None, :], old, -jnp.inf)
-    new = jnp.where(new_visible, new, -jnp.inf)
-    row_max = jnp.maximum(jnp.max(old, axis=-1, keepdims=True), jnp.max(new, axis=-1, keepdims=True))
+    # [B, t, Hkv, G, D] -> [B, Hkv, G*t, D]: (batch, kv head) lead both operands, as the cache's layout has them
+    qf = q.astype(jnp.float32).reshape(b, t, hkv, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, groups * t, d)
+    new_k = k_new.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, Hkv, t, D]
+    new_v = v_new.astype(jnp.float32).transpose(0, 2, 1, 3)
+    query_step = jnp.tile(jnp.arange(t), groups)  # [G*t]: which new token each query row is
+
+    def scores(keys, visible):  # keys [B, Hkv, S, D], visible broadcastable to [B, 1, G*t, S]
+        s = jnp.einsum("bhqd,bhsd->bhqs", qf, keys.astype(jnp.float32)) * scale  # [B, Hkv, G*t, S]
+        return jnp.where(visible, s, -jnp.inf)
+
+    blocks = [
+        (scores(prompt_k, prompt_valid[:, None, None, :]), prompt_v),
+        (scores(k_cache, (jnp.arange(n) < index)[None, None, None, :]), v_cache),
+        (scores(new_k, (jnp.arange(t)[None, :] <= query_step[:, None])[None, None]), new_v),
+    ]
+    row_max = jnp.max(jnp.stack([jnp.max(s, axis=-1) for s, _ in blocks]), axis=0)[..., None]  # [B, Hkv, G*t, 1]
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # a row that sees nothing: avoid inf - inf
-    p_old, p_new = jnp.exp(old - row_max), jnp.exp(new - row_max)
-    denom = jnp.sum(p_old, axis=-1) + jnp.sum(p_new, axis=-1)  # [B, Hkv, G, t]
-    out = (jnp.einsum("bhgqs,bshd->bqhgd", p_old, v_cache.astype(jnp.float32))
-           + jnp.einsum("bhgqs,bshd->bqhgd", p_new, v_new.astype(jnp.float32)))  # [B, t, Hkv, G, D]
-    denom = jnp.transpose(denom, (0, 3, 1, 2))[..., None]  # [B, t, Hkv, G, 1]
+    denom = jnp.zeros(row_max.shape, jnp.float32)
+    out = jnp.zeros((b, hkv, groups * t, d), jnp.float32)
+    for s, values in blocks:
+        weights = jnp.exp(s - row_max)
+        denom = denom + jnp.sum(weights, axis=-1, keepdims=True)
+        out = out + jnp.einsum("bhqs,bhsd->bhqd", weights, values.astype(jnp.float32))  # [B, Hkv, G*t, D]
     out = out / jnp.where(denom == 0, 1.0, denom)
-    return out.reshape(b, t, h, d).astype(q.dtype)
+    # [B, Hkv, G*t, D] -> [B, t, H, D] (head index = kv head * G + group, as the projections lay heads out)
+    return out.reshape(b, hkv, groups, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)

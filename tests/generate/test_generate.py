@@ -136,8 +136,8 @@ def test_cached_logits_equal_full_recomputation(tmp_path):
     cfg, params = from_hf(str(tmp_path), scan_layers=False)  # the decoder runs the layers unrolled
     model = build(cfg)
     prompt, valid = decoder.left_pad([prompt_ids(5), prompt_ids(9, 1)], 16, pad_id=0)
-    logits, cache = jax.jit(lambda ids, ok: decoder.prefill(model, params, ids, ok, 24))(prompt, valid)
-    step = jax.jit(lambda tokens, cache, slot: decoder.decode_step(model, params, tokens, cache, slot))
+    logits, cache = jax.jit(lambda ids, ok: decoder.prefill(model, params, ids, ok, 8))(prompt, valid)
+    step = jax.jit(lambda tokens, cache, index: decoder.decode_step(model, params, tokens, cache, index))
     seqs = [list(prompt[r][valid[r]]) for r in range(2)]
     cached = [[], []]  # per row: the logits after each prefix
     for t in range(8):
@@ -145,7 +145,7 @@ def test_cached_logits_equal_full_recomputation(tmp_path):
         for r in range(2):
             cached[r].append(np.asarray(logits[r]))
             seqs[r].append(int(tokens[r]))
-        logits, cache = step(tokens, cache, 16 + t)
+        logits, cache = step(tokens, cache, t)
     worst = 0.0
     for r, n in enumerate((5, 9)):
         full = np.asarray(model.apply({"params": params}, np.asarray([seqs[r]], np.int32)))[0]  # [n + 8, V]

@@ -70,11 +70,13 @@ def test_params_and_cache_are_sharded(generators):
     ids = jax.device_put(np.ones((4, 16), np.int32), jax.NamedSharding(sharded.mesh, P(("data", "fsdp"), None)))
     valid = np.ones((4, 16), bool)
     with jax.set_mesh(sharded.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        _, cache = jax.jit(lambda p, i, v: decoder.prefill(sharded.model, p, i, v, 24))(sharded.params, ids, valid)
-    for k in cache.k + cache.v:  # [B, S, Hkv, Dh]: rows over (data, fsdp), the 2 kv heads over tensor
-        assert tuple(k.sharding.spec) + (None,) * (4 - len(k.sharding.spec)) == (("data", "fsdp"), None, "tensor",
-                                                                                  None), k.sharding
-        assert k.addressable_shards[0].data.shape == (1, 24, 1, 8)
+        _, cache = jax.jit(lambda p, i, v: decoder.prefill(sharded.model, p, i, v, 8))(sharded.params, ids, valid)
+    # [B, Hkv, S, Dh]: rows over (data, fsdp), the 2 kv heads over tensor; the prompt's 16 slots, 8 generated
+    for buffers, slots in ((cache.prompt.k + cache.prompt.v, 16), (cache.k + cache.v, 8)):
+        for k in buffers:
+            spec = tuple(k.sharding.spec) + (None,) * (4 - len(k.sharding.spec))
+            assert spec == (("data", "fsdp"), "tensor", None, None), k.sharding
+            assert k.addressable_shards[0].data.shape == (1, 1, slots, 8)
 
 
 def test_sequence_axis_is_refused():

@@ -17,26 +17,30 @@ def _inputs(b, s, h, hkv, d, seed=0):
     return q, k, v
 
 
+def _head_major(x):  # [B, S, Hkv, D] -> [B, Hkv, S, D]
+    return x.transpose(0, 2, 1, 3)
+
+
 @pytest.mark.parametrize("h,hkv", [(4, 4), (6, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 def test_matches_reference_with_left_padding(h, hkv):
-    """Rows with different amounts of left padding: the queries of slots [index, index + t) see what causal
-    attention over the row's real tokens sees; padding queries are never read."""
-    b, s, d, t, index = 3, 24, 8, 3, 13  # new tokens at slots 13..15; slots 16.. not yet written
-    q, k, v = _inputs(b, s, h, hkv, d)
+    """A sequence of a left-padded prompt (slots [0, P)) and generated tokens (slots P + j): the t new tokens at
+    generated slots [index, index + t) see what causal attention over the row's real tokens sees."""
+    b, p, n, d, t, index = 3, 12, 10, 8, 3, 4  # generated slots 0..3 cached, the new tokens are 4..6
+    q, k, v = _inputs(b, p + n, h, hkv, d)
     pads = np.array([0, 4, 9])
-    slot_valid = (np.arange(s)[None] >= pads[:, None]) & (np.arange(s)[None] < index + t)  # [B, S]
-    segments = jnp.asarray(slot_valid, jnp.int32)  # padding and unwritten slots: their own segment
+    prompt_valid = np.arange(p)[None] >= pads[:, None]  # [B, P]
+    valid = np.concatenate([prompt_valid, np.broadcast_to(np.arange(n) < index + t, (b, n))], axis=1)
+    segments = jnp.asarray(valid, jnp.int32)  # padding and unwritten slots: their own segment
 
-    def ours(q, k, v):  # the cache's slots from index on hold garbage: they must not be read
-        garbage = jnp.full_like(k[:, index:], 1e3)
-        k_cache = jnp.concatenate([k[:, :index], garbage], axis=1)
-        v_cache = jnp.concatenate([v[:, :index], garbage], axis=1)
-        new = slice(index, index + t)
-        return cached_attention(q[:, new], k_cache, v_cache, k[:, new], v[:, new], jnp.int32(index),
-                                jnp.asarray(slot_valid))
+    def ours(q, k, v):  # the generated cache's slots from index on hold garbage: they must not be read
+        gen_k = jnp.concatenate([k[:, p:p + index], jnp.full_like(k[:, p + index:], 1e3)], axis=1)
+        gen_v = jnp.concatenate([v[:, p:p + index], jnp.full_like(v[:, p + index:], 1e3)], axis=1)
+        new = slice(p + index, p + index + t)
+        return cached_attention(q[:, new], _head_major(k[:, :p]), _head_major(v[:, :p]), jnp.asarray(prompt_valid),
+                                _head_major(gen_k), _head_major(gen_v), jnp.int32(index), k[:, new], v[:, new])
 
     def reference(q, k, v):
-        return reference_attention(q, k, v, causal=True, segment_ids=segments)[:, index:index + t]
+        return reference_attention(q, k, v, causal=True, segment_ids=segments)[:, p + index:p + index + t]
 
     np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), atol=1e-5)
     cotangent = jax.random.normal(jax.random.key(9), (b, t, h, d))
@@ -48,13 +52,19 @@ def test_matches_reference_with_left_padding(h, hkv):
 
 def test_a_query_sees_its_own_key_and_valid_slots_only():
     q, k, v = _inputs(1, 8, 2, 2, 4)
-    out = cached_attention(q[:, 3:4], k, v, k[:, 3:4], v[:, 3:4], jnp.int32(3), jnp.zeros((1, 8), bool))
-    np.testing.assert_allclose(out, v[:, 3:4].repeat(1, axis=2), atol=1e-6)  # only itself: its own value
-    empty = cached_attention(q[:, :1], k, v, k[:, :1], v[:, :1] * 0, jnp.int32(0), jnp.zeros((1, 8), bool))
-    assert np.all(np.asarray(empty) == 0)
+    nothing = jnp.zeros((1, 4), bool)
+    hk, hv = _head_major(k[:, :4]), _head_major(v[:, :4])
+    out = cached_attention(q[:, 5:6], hk, hv, nothing, hk, hv, jnp.int32(0), k[:, 5:6], v[:, 5:6])
+    np.testing.assert_allclose(out, v[:, 5:6].repeat(1, axis=2), atol=1e-6)  # only itself: its own value
+    # The prompt slots marked valid are seen; the generated slots from `index` on are not.
+    out = cached_attention(q[:, 5:6], hk, hv, jnp.asarray([[False, True, False, False]]), hk * 0, hv * 0 + 1e3,
+                           jnp.int32(0), k[:, 5:6], v[:, 5:6])
+    want = reference_attention(q[:, 5:6], k[:, jnp.array([1, 5])], v[:, jnp.array([1, 5])], causal=False)
+    np.testing.assert_allclose(out, want, atol=1e-5)
 
 
 def test_shape_errors_name_the_shapes():
     q, k, v = _inputs(1, 8, 3, 2, 4)
+    hk = _head_major(k)
     with pytest.raises(ValueError, match="H % Hkv"):
-        cached_attention(q, k, v, k, v, jnp.int32(0), jnp.ones((1, 8), bool))
+        cached_attention(q, hk, hk, jnp.ones((1, 8), bool), hk, hk, jnp.int32(0), k, v)
