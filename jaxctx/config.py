@@ -278,6 +278,7 @@ class DataConfig:
     max_examples_per_row: int = 16  # E: example slots per packed row (cls_index/labels [B, E]); a row closes when full
     # Synthetic passkey documents (jaxctx.data.passkey_docs; docs/data.md "Passkey documents").
     passkey_fraction: float = 0.0  # share of the packed tokens that are passkey documents; 0 = none
+    passkey_max_digits: int = 5  # training keys have 5..N digits (uniform); the eval's keys have 5
 
     def validate(self) -> None:
         if self.task is not None:
@@ -301,6 +302,9 @@ class DataConfig:
         if not 0.0 <= self.passkey_fraction < 1.0:
             raise ConfigError(f"data.passkey_fraction={self.passkey_fraction} must be in [0, 1) (the share of tokens "
                               f"that are synthetic passkey documents; 0 = none)")
+        if not 5 <= self.passkey_max_digits <= 64:
+            raise ConfigError(f"data.passkey_max_digits={self.passkey_max_digits} must be in [5, 64] (training keys "
+                              f"have 5 to this many digits; the eval asks for 5)")
         if self.passkey_fraction and self.streaming:
             raise ConfigError("data.passkey_fraction needs a map-style corpus (its documents are sized from the "
                               "corpus's token count); set data.streaming=false or data.passkey_fraction=0")

@@ -6,7 +6,10 @@ question) followed by its answer, ` KEY.`:
     The grass is green. ... The pass key is 12345. Remember it. 12345 is the pass key. ... The pass key is 12345.
     |<-------------------- build_prompt(length - answer, depth, key) -------------------->|<-- answer -->|
 
-Lengths are uniform in [shortest prompt, data.seq_len - 1] tokens (the separator makes the document fit a row),
+Keys have 5 digits, or 5 to `data.passkey_max_digits` (uniform): keys of different lengths put the needle's two
+copies of a key digit at different distances, so a model cannot learn the second copy (and then the answer) as
+"the token a fixed offset back"; it has to match content, which is what retrieval at any depth needs, and a longer
+key gives more such tokens per document. Lengths are uniform in [shortest prompt, data.seq_len - 1] tokens (the separator makes the document fit a row),
 depths uniform in [0, 1]. Keys come from the training half of the key space (`passkey.is_eval_key` is False), so
 `jaxctx eval passkey`, which draws only eval-half keys, never asks for a key the model was trained on.
 
@@ -34,18 +37,19 @@ def answer(key: str) -> str:
     return f" {key}."
 
 
-def shortest_document(encode: Callable[[str], np.ndarray]) -> int:
-    """Tokens in the shortest passkey document: one filler sentence, needle, question and answer (plus a margin
-    of 5 tokens, as a subword tokenizer may split one key into more tokens than another)."""
-    key = "00000"
+def shortest_document(encode: Callable[[str], np.ndarray], max_digits: int = 5) -> int:
+    """Tokens in the shortest passkey document with a key of up to `max_digits` digits: one filler sentence,
+    needle, question and answer (plus a margin of 5 tokens, as a subword tokenizer may split one key into more
+    tokens than another)."""
+    key = "0" * max_digits
     return sum(len(encode(text)) for text in (FILLER, needle(key), QUESTION, answer(key))) + 5
 
 
 def passkey_documents(encode: Callable[[str], np.ndarray], *, max_length: int, num_tokens: int, seed: int,
-                      split: str = "train", process_index: int = 0) -> list[np.ndarray]:
+                      split: str = "train", process_index: int = 0, max_digits: int = 5) -> list[np.ndarray]:
     """Passkey documents (int32 token ids) of `shortest_document` to `max_length` tokens, until they hold at least
-    `num_tokens` tokens. Deterministic in (seed, split, process_index)."""
-    min_length = shortest_document(encode)
+    `num_tokens` tokens, with keys of 5 to `max_digits` digits. Deterministic in (seed, split, process_index)."""
+    min_length = shortest_document(encode, max_digits)
     if max_length < min_length:
         raise DataError(f"data.passkey_fraction: a passkey document needs at least {min_length} tokens but "
                         f"data.seq_len={max_length + 1} leaves {max_length}; raise data.seq_len")
@@ -54,7 +58,8 @@ def passkey_documents(encode: Callable[[str], np.ndarray], *, max_length: int, n
     while total < num_tokens:
         length = int(rng.integers(min_length, max_length + 1))
         depth = float(rng.random())
-        key = draw_key(rng, eval_half=False)
+        digits = 5 if max_digits == 5 else int(rng.integers(5, max_digits + 1))  # 5: the stream of old runs
+        key = draw_key(rng, eval_half=False, digits=digits)
         tail = encode(answer(key))
         prompt = build_prompt(encode, length - len(tail), depth, key)
         docs.append(np.concatenate([prompt.ids, tail]).astype(np.int32))

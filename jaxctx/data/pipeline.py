@@ -204,7 +204,7 @@ class DataIterator:
         def documents(source_tokens: int) -> list[np.ndarray]:
             return passkey_documents(encode, max_length=max_length, seed=seed, split=split,
                                      num_tokens=passkey_token_budget(fraction, source_tokens),
-                                     process_index=process_index)
+                                     process_index=process_index, max_digits=self.cfg.data.passkey_max_digits)
 
         return documents
 
@@ -262,6 +262,7 @@ class DataIterator:
             "tokenizer": self.tokenizer.name,
             "streaming": self.cfg.data.streaming,
             "passkey_fraction": self.cfg.data.passkey_fraction,
+            "passkey_max_digits": self.cfg.data.passkey_max_digits,
             "process_count": self.process_count,
         }
 
@@ -270,8 +271,9 @@ class DataIterator:
         if state.get("version") != STATE_VERSION:
             raise DataError(f"iterator state version {state.get('version')!r} is not {STATE_VERSION}")
         mine = self.get_state()
-        state = {"passkey_fraction": 0.0, **state}  # states saved before the key existed had no passkey documents
-        for key in ("split", "seed", "seq_len", "streaming", "passkey_fraction"):  # these change what a row means
+        # states saved before these keys existed had no passkey documents, or 5-digit keys
+        state = {"passkey_fraction": 0.0, "passkey_max_digits": 5, **state}
+        for key in ("split", "seed", "seq_len", "streaming", "passkey_fraction", "passkey_max_digits"):  # what rows mean
             if state.get(key) != mine[key]:
                 raise DataError(f"the saved data iterator state has {key}={state.get(key)!r} but this pipeline "
                                 f"has {key}={mine[key]!r}; resume with the same data settings or start fresh")

@@ -31,10 +31,14 @@ def is_eval_key(key: str) -> bool:
     return hashlib.blake2b(key.encode("ascii"), digest_size=8).digest()[0] < 128
 
 
-def draw_key(rng: np.random.Generator, *, eval_half: bool) -> str:
-    """A random 5-digit key from one half of the key space (rejection sampling: ~2 draws per key)."""
+def draw_key(rng: np.random.Generator, *, eval_half: bool, digits: int = 5) -> str:
+    """A random key of `digits` digits (no leading zero) from one half of the key space (rejection sampling: ~2
+    draws per key). The eval's keys have 5 digits; training documents may use longer ones."""
     while True:
-        key = str(rng.integers(*KEY_RANGE))
+        if digits == 5:
+            key = str(rng.integers(*KEY_RANGE))
+        else:
+            key = str(rng.integers(1, 10)) + "".join(map(str, rng.integers(0, 10, digits - 1)))
         if is_eval_key(key) == eval_half:
             return key
 

@@ -50,6 +50,23 @@ def test_documents_are_deterministic_and_keys_disjoint_from_eval():
     assert not train_keys & eval_keys
 
 
+def test_longer_training_keys_vary_in_length_and_stay_out_of_the_eval_half():
+    """passkey_max_digits: keys of 5..N digits (uniform), no leading zero, three copies per document; the default
+    (5) draws the same stream as before the option existed."""
+    docs = passkey_documents(encode, max_length=500, num_tokens=80_000, seed=2, max_digits=12)
+    keys = []
+    for ids in docs:
+        text = TOK.decode(ids)
+        key = re.search(r"The pass key is (\d+)\. Remember it\. \1 is the pass key\.", text).group(1)
+        assert text.endswith(passkey.QUESTION + answer(key)) and key[0] != "0" and text.count(key) >= 3
+        assert shortest_document(encode) - 5 <= len(ids) <= 500
+        keys.append(key)
+    assert sorted({len(k) for k in keys}) == list(range(5, 13))
+    assert not any(map(passkey.is_eval_key, keys))
+    assert ([d.tolist() for d in passkey_documents(encode, max_length=400, num_tokens=5_000, seed=0)]
+            == [d.tolist() for d in passkey_documents(encode, max_length=400, num_tokens=5_000, seed=0, max_digits=5)])
+
+
 def test_pipeline_mixes_the_stated_fraction_of_tokens(make_cfg, corpus):
     path = corpus(n=300)
     cfg = make_cfg(source=path, seq_len=256, passkey_fraction=0.4, validation_fraction=0.0)
