@@ -271,7 +271,8 @@ def import_checkpoint(hf_dir: str, out_dir: str, *, force: bool = False, max_pos
                           rope_scaling=rope_scaling)
     side_files = [name for name in io.SIDE_FILES if os.path.isfile(os.path.join(hf_dir, name))]
     if io.has_tokenizer_files(hf_dir):  # the converted config trains with the model's own tokenizer
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=storage.join(recorded_out, HF_FILES)))
+        tokenizer = storage.join(recorded_out, HF_FILES)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=tokenizer))
     hf = io.read_hf_config(hf_dir)
     meta = {"config": cfg.to_dict(), "step": 0,
             "source": {"format": "huggingface", "path": recorded_hf, "model_type": hf.get("model_type"),

@@ -273,7 +273,8 @@ class DataIterator:
         mine = self.get_state()
         # states saved before these keys existed had no passkey documents, or 5-digit keys
         state = {"passkey_fraction": 0.0, "passkey_max_digits": 5, **state}
-        for key in ("split", "seed", "seq_len", "streaming", "passkey_fraction", "passkey_max_digits"):  # what rows mean
+        # these change what a row means
+        for key in ("split", "seed", "seq_len", "streaming", "passkey_fraction", "passkey_max_digits"):
             if state.get(key) != mine[key]:
                 raise DataError(f"the saved data iterator state has {key}={state.get(key)!r} but this pipeline "
                                 f"has {key}={mine[key]!r}; resume with the same data settings or start fresh")

@@ -131,8 +131,9 @@ def test_from_hf_from_gs_to_gs_equals_the_local_import(gcs, hf, tmp_path, capsys
     assert main(["convert", "to-hf", str(tmp_path / "ckpt-local"), str(tmp_path / "from-local" / "hf")]) == 0
     _same_dirs(str(tmp_path / "from-local" / "hf"), str(tmp_path / "from-gs" / "hf"),
                readme_paths=[(str(tmp_path / "ckpt-local"), f"{GS}/ckpt"), (src, f"{GS}/hf-src")])
-    assert open(tmp_path / "from-gs" / "hf" / "tokenizer.json", "rb").read() == open(os.path.join(src, "tokenizer.json"),
-                                                                                   "rb").read()
+    exported = (tmp_path / "from-gs" / "hf" / "tokenizer.json").read_bytes()
+    with open(os.path.join(src, "tokenizer.json"), "rb") as f:
+        assert exported == f.read()
 
 
 def test_labels_and_tensorstore_timeouts_on_gs(gcs, monkeypatch):

@@ -58,7 +58,7 @@ def test_longer_training_keys_vary_in_length_and_stay_out_of_the_eval_half():
     for ids in docs:
         text = TOK.decode(ids)
         key = re.search(r"The pass key is (\d+)\. Remember it\. \1 is the pass key\.", text).group(1)
-        assert text.endswith(passkey.QUESTION + answer(key)) and key[0] != "0" and text.count(key) >= 3
+        assert text.endswith(passkey.QUESTION + answer(key)) and key[0] != "0" and text.count(key) == 3
         assert shortest_document(encode) - 5 <= len(ids) <= 500
         keys.append(key)
     assert sorted({len(k) for k in keys}) == list(range(5, 13))

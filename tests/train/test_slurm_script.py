@@ -1,6 +1,6 @@
 """slurm/train.sbatch: shellcheck clean, one-line errors, and the srun command it issues (a fake `srun` first on
 PATH records its argv). That train.py under srun's variables forms one jax.distributed job is tested in
-test_train_multiprocess.py (test_srun_environment_starts_two_processes_like_one)."""
+test_train_multiprocess.py (test_slurm_sbatch_trains_like_one_process)."""
 
 import os
 import shutil
