@@ -1,6 +1,7 @@
 """A long prompt prefills in O(T) memory, and the decode loop never copies the prompt's cache. Prefill: the
-compiled prefill of a tiny llama (blockwise attention, GQA) at 8K, 16K and 32K tokens, from XLA's memory analysis (deterministic, compile only, nothing runs). Temp memory doubles
-with T (no [T, T] scores) and no [B, T, V] logits exist (only the last position is projected)."""
+compiled prefill of a tiny llama (blockwise attention, GQA) at 8K, 16K and 32K tokens, from XLA's memory analysis
+(deterministic, compile only, nothing runs). Temp memory doubles with T (no [T, T] scores) and no [B, T, V] logits
+exist (only the last position is projected)."""
 
 import re
 
