@@ -279,6 +279,8 @@ class DataConfig:
     # Synthetic passkey documents (jaxctx.data.passkey_docs; docs/data.md "Passkey documents").
     passkey_fraction: float = 0.0  # share of the packed tokens that are passkey documents; 0 = none
     passkey_max_digits: int = 5  # training keys have 5..N digits (uniform); the eval's keys have 5
+    passkey_min_length: int = 0  # passkey documents have this many to seq_len - 1 tokens; 0 = the shortest possible
+    align_documents: bool = False  # every document starts a row (its last row's tail is padding): none is split
 
     def validate(self) -> None:
         if self.task is not None:
@@ -305,6 +307,12 @@ class DataConfig:
         if not 5 <= self.passkey_max_digits <= 64:
             raise ConfigError(f"data.passkey_max_digits={self.passkey_max_digits} must be in [5, 64] (training keys "
                               f"have 5 to this many digits; the eval asks for 5)")
+        if self.passkey_min_length < 0:
+            raise ConfigError(f"data.passkey_min_length={self.passkey_min_length} must be >= 0 (0 = the shortest "
+                              f"passkey document)")
+        if self.passkey_min_length >= self.seq_len:
+            raise ConfigError(f"data.passkey_min_length={self.passkey_min_length} must be below data.seq_len="
+                              f"{self.seq_len} (a document and its separator fit one row)")
         if self.passkey_fraction and self.streaming:
             raise ConfigError("data.passkey_fraction needs a map-style corpus (its documents are sized from the "
                               "corpus's token count); set data.streaming=false or data.passkey_fraction=0")

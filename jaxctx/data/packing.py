@@ -3,6 +3,9 @@
 The packed stream is every document followed by one separator token (EOS for causal LMs, SEP for BERT), one
 document after another. Row j of an epoch is stream positions `[j*T, (j+1)*T)`; a document longer than T simply
 continues in row j+1 (nothing is truncated or dropped), so only the very last row of an epoch holds padding.
+With `data.align_documents` every document starts a row instead, and the tail of its last row is padding: a
+document of up to T - 1 tokens is then never split across rows (synthetic retrieval documents need the needle
+and the question in one row).
 
 Batch format (numpy, `[B, T]` with B = this process's share of the global batch, T = `data.seq_len`):
 
@@ -140,12 +143,18 @@ class PackedLayout:
 
     Row j covers stream positions [j*T, (j+1)*T] (one lookahead). Locating a row is a binary search over document
     start positions, so any row of any epoch can be built directly: the iterator state is just a row counter.
+
+    With `align=True` every document starts a new row: a document's units are rounded up to whole rows, the gap
+    after its separator is padding, and the row count, sum of ceil((length + 1) / T), is again the same for
+    every order.
     """
 
-    def __init__(self, store: TokenStore, order: np.ndarray, seq_len: int, separator: int):
+    def __init__(self, store: TokenStore, order: np.ndarray, seq_len: int, separator: int, *, align: bool = False):
         check_seq_len(seq_len)
         self.store, self.order, self.seq_len, self.separator = store, order, seq_len, separator
         unit_len = store.lengths[order] + 1  # each document plus its separator
+        if align:
+            unit_len = -(-unit_len // seq_len) * seq_len  # whole rows: the next document starts a row
         self.starts = np.concatenate([[0], np.cumsum(unit_len)])  # [D+1] stream position of each document
         self.total = int(self.starts[-1])  # stream length; the same for every order
         self.num_rows = -(-self.total // seq_len)  # ceil: the last row is padded
@@ -158,6 +167,7 @@ class PackedLayout:
         unit = np.minimum(unit, len(self.order) - 1)  # positions past the end: clamp, then mask by `valid`
         offset = pos - self.starts[unit]
         doc = self.order[unit]
+        valid &= offset <= self.store.lengths[doc]  # past the separator: an aligned document's row tail
         is_text = valid & (offset < self.store.lengths[doc])  # else the separator (or padding)
         tokens = np.full(pos.shape, self.separator, np.int32)
         tokens[is_text] = self.store.gather(doc[is_text], offset[is_text])
@@ -165,15 +175,16 @@ class PackedLayout:
 
 
 class StreamPacker:
-    """Packs an iterator of documents (token arrays) into rows in stream order, for streaming datasets.
+    """Packs an iterator of documents (token arrays) into rows in stream order, for streaming datasets (`align`: as
+    in PackedLayout, every document starts a row).
 
     Keeps only the documents overlapping the current row. When `docs` ends, the last row is padded and
     `exhausted` becomes True; a training pipeline passes an endless iterator (epoch after epoch) instead.
     """
 
-    def __init__(self, docs: Iterator[np.ndarray], seq_len: int, separator: int):
+    def __init__(self, docs: Iterator[np.ndarray], seq_len: int, separator: int, *, align: bool = False):
         check_seq_len(seq_len)
-        self.docs, self.seq_len, self.separator = docs, seq_len, separator
+        self.docs, self.seq_len, self.separator, self.align = docs, seq_len, separator, align
         self.pending: deque[tuple[int, np.ndarray]] = deque()  # (unit id, tokens + separator)
         self.pos = 0  # offset of the next row's first token within pending[0]
         self.next_unit = 0
@@ -194,6 +205,8 @@ class StreamPacker:
                 self.done = True
                 break
             arr = np.append(np.asarray(doc, np.int32), np.int32(self.separator))
+            if self.align:  # pad to whole rows with -1 (padding) so the next document starts a row
+                arr = np.pad(arr, (0, -len(arr) % self.seq_len), constant_values=-1)
             self.pending.append((self.next_unit, arr))
             self.next_unit += 1
             have += len(arr)
@@ -223,7 +236,8 @@ class StreamPacker:
             unit[filled:filled + k] = uid
             offset[filled:filled + k] = np.arange(start, start + k)
             filled, start = filled + k, 0
-        valid = np.arange(width) < filled
+        valid = (np.arange(width) < filled) & (tokens >= 0)  # -1: an aligned document's row tail
+        tokens[~valid] = 0
         self._advance()
         return tokens, unit, offset, valid
 

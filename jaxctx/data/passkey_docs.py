@@ -9,8 +9,9 @@ question) followed by its answer, ` KEY.`:
 Keys have 5 digits, or 5 to `data.passkey_max_digits` (uniform): keys of different lengths put the needle's two
 copies of a key digit at different distances, so a model cannot learn the second copy (and then the answer) as
 "the token a fixed offset back"; it has to match content, which is what retrieval at any depth needs, and a longer
-key gives more such tokens per document. Lengths are uniform in [shortest prompt, data.seq_len - 1] tokens (the
-separator makes the document fit a row), depths uniform in [0, 1]. Keys come from the training half of the key
+key gives more such tokens per document. Lengths are uniform in [max(shortest prompt, data.passkey_min_length),
+data.seq_len - 1] tokens (the separator makes the document fit a row; `data.align_documents` keeps it in one),
+depths uniform in [0, 1]. Keys come from the training half of the key
 space (`passkey.is_eval_key` is False), so `jaxctx eval passkey`, which draws only eval-half keys, never asks for
 a key the model was trained on.
 
@@ -47,13 +48,19 @@ def shortest_document(encode: Callable[[str], np.ndarray], max_digits: int = 5) 
 
 
 def passkey_documents(encode: Callable[[str], np.ndarray], *, max_length: int, num_tokens: int, seed: int,
-                      split: str = "train", process_index: int = 0, max_digits: int = 5) -> list[np.ndarray]:
-    """Passkey documents (int32 token ids) of `shortest_document` to `max_length` tokens, until they hold at least
-    `num_tokens` tokens, with keys of 5 to `max_digits` digits. Deterministic in (seed, split, process_index)."""
-    min_length = shortest_document(encode, max_digits)
-    if max_length < min_length:
-        raise DataError(f"data.passkey_fraction: a passkey document needs at least {min_length} tokens but "
+                      split: str = "train", process_index: int = 0, max_digits: int = 5,
+                      min_length: int = 0) -> list[np.ndarray]:
+    """Passkey documents (int32 token ids) of max(`shortest_document`, `min_length`) to `max_length` tokens, until
+    they hold at least `num_tokens` tokens, with keys of 5 to `max_digits` digits. Deterministic in (seed, split,
+    process_index)."""
+    shortest = shortest_document(encode, max_digits)
+    if max_length < shortest:
+        raise DataError(f"data.passkey_fraction: a passkey document needs at least {shortest} tokens but "
                         f"data.seq_len={max_length + 1} leaves {max_length}; raise data.seq_len")
+    if min_length > max_length:
+        raise DataError(f"data.passkey_min_length={min_length} is longer than the {max_length} tokens "
+                        f"data.seq_len={max_length + 1} leaves for a document; lower it or raise data.seq_len")
+    min_length = max(min_length, shortest)
     rng = np.random.default_rng([seed, _SPLIT_IDS[split], process_index, _STREAM_TAG])
     docs, total = [], 0
     while total < num_tokens:

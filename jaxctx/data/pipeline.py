@@ -59,14 +59,14 @@ class _MapSource:
     """Rows of a map-style (memory-mapped) tokenized dataset: any row of any epoch in O(1)."""
 
     def __init__(self, tokenized, seq_len: int, separator: int, *, seed: int, process_index: int, shuffle: bool,
-                 extra_documents: Callable[[int], list[np.ndarray]] | None = None):
+                 extra_documents: Callable[[int], list[np.ndarray]] | None = None, align: bool = False):
         self.store = TokenStore(tokenized)
         if self.store.num_tokens == 0:
             raise EmptyDatasetError("every document tokenized to zero tokens")
         self.source_documents = self.store.num_documents
         if extra_documents is not None:  # synthetic documents, sized from the corpus's token count
             self.store.add_documents(extra_documents(self.store.num_tokens))
-        self.seq_len, self.separator, self.shuffle = seq_len, separator, shuffle
+        self.seq_len, self.separator, self.shuffle, self.align = seq_len, separator, shuffle, align
         self.seed, self.process_index = seed, process_index
         self._layouts: dict[int, tuple[PackedLayout, np.ndarray]] = {}
         self.rows_per_epoch = self._layout(0)[0].num_rows
@@ -78,10 +78,11 @@ class _MapSource:
             if self.shuffle:
                 rng = np.random.default_rng([self.seed, self.process_index, epoch])
                 order = rng.permutation(n_docs)
-                layout = PackedLayout(self.store, order, self.seq_len, self.separator)
+                layout = PackedLayout(self.store, order, self.seq_len, self.separator, align=self.align)
                 rows = rng.permutation(layout.num_rows)  # so one long document does not fill a whole batch
             else:
-                layout = PackedLayout(self.store, np.arange(n_docs), self.seq_len, self.separator)
+                layout = PackedLayout(self.store, np.arange(n_docs), self.seq_len, self.separator,
+                                      align=self.align)
                 rows = np.arange(layout.num_rows)
             self._layouts = {k: v for k, v in self._layouts.items() if k >= epoch - 1}  # keep at most two
             self._layouts[epoch] = (layout, rows)
@@ -107,8 +108,9 @@ class _MapSource:
 class _StreamSource:
     """Rows of a streaming tokenized dataset, in stream order; resume = replay from the start."""
 
-    def __init__(self, tokenized, seq_len: int, separator: int, *, repeat: bool, description: str):
-        self.tokenized, self.seq_len, self.separator = tokenized, seq_len, separator
+    def __init__(self, tokenized, seq_len: int, separator: int, *, repeat: bool, description: str,
+                 align: bool = False):
+        self.tokenized, self.seq_len, self.separator, self.align = tokenized, seq_len, separator, align
         self.repeat, self.description = repeat, description
         self.rows_per_epoch = None  # unknown until a stream has been read once
         self.seek(0)
@@ -128,7 +130,7 @@ class _StreamSource:
             epoch += 1
 
     def seek(self, row: int) -> None:
-        self.packer = StreamPacker(self._documents(), self.seq_len, self.separator)
+        self.packer = StreamPacker(self._documents(), self.seq_len, self.separator, align=self.align)
         self.packer.skip(row)
 
     def windows(self, first: int, count: int, repeat: bool):
@@ -172,7 +174,7 @@ class DataIterator:
             ds = ds.map(_tokenize, batched=True, fn_kwargs={"tokenizer": self.tokenizer}, remove_columns=["text"],
                         features=_token_features())
             self._source = _StreamSource(ds, self.seq_len, self.separator, repeat=repeat,
-                                         description=self.docs.description)
+                                         description=self.docs.description, align=data.align_documents)
             self.num_documents = None
         else:
             ds = ds.map(_tokenize, batched=True, fn_kwargs={"tokenizer": self.tokenizer}, remove_columns=["text"],
@@ -180,7 +182,8 @@ class DataIterator:
                         desc=f"tokenize ({self.tokenizer.name})")
             self._source = _MapSource(ds, self.seq_len, self.separator, seed=self.seed,
                                       process_index=process_index, shuffle=shuffle,
-                                      extra_documents=self._passkey_documents(split, process_index))
+                                      extra_documents=self._passkey_documents(split, process_index),
+                                      align=data.align_documents)
             self.num_documents = self._source.store.num_documents  # passkey documents included
         now = time.perf_counter()
         self.tokenize_s = now - tokenize_start  # ~0 when the tokenized split came from the cache
@@ -204,7 +207,8 @@ class DataIterator:
         def documents(source_tokens: int) -> list[np.ndarray]:
             return passkey_documents(encode, max_length=max_length, seed=seed, split=split,
                                      num_tokens=passkey_token_budget(fraction, source_tokens),
-                                     process_index=process_index, max_digits=self.cfg.data.passkey_max_digits)
+                                     process_index=process_index, max_digits=self.cfg.data.passkey_max_digits,
+                                     min_length=self.cfg.data.passkey_min_length)
 
         return documents
 
@@ -263,6 +267,8 @@ class DataIterator:
             "streaming": self.cfg.data.streaming,
             "passkey_fraction": self.cfg.data.passkey_fraction,
             "passkey_max_digits": self.cfg.data.passkey_max_digits,
+            "passkey_min_length": self.cfg.data.passkey_min_length,
+            "align_documents": self.cfg.data.align_documents,
             "process_count": self.process_count,
         }
 
@@ -272,9 +278,11 @@ class DataIterator:
             raise DataError(f"iterator state version {state.get('version')!r} is not {STATE_VERSION}")
         mine = self.get_state()
         # states saved before these keys existed had no passkey documents, or 5-digit keys
-        state = {"passkey_fraction": 0.0, "passkey_max_digits": 5, **state}
+        state = {"passkey_fraction": 0.0, "passkey_max_digits": 5, "passkey_min_length": 0, "align_documents": False,
+                 **state}
         # these change what a row means
-        for key in ("split", "seed", "seq_len", "streaming", "passkey_fraction", "passkey_max_digits"):
+        for key in ("split", "seed", "seq_len", "streaming", "passkey_fraction", "passkey_max_digits",
+                    "passkey_min_length", "align_documents"):
             if state.get(key) != mine[key]:
                 raise DataError(f"the saved data iterator state has {key}={state.get(key)!r} but this pipeline "
                                 f"has {key}={mine[key]!r}; resume with the same data settings or start fresh")

@@ -80,6 +80,43 @@ def test_stream_packer_matches_packed_layout():
     np.testing.assert_array_equal(row5["input_ids"][0], expected["input_ids"][5])
 
 
+def test_aligned_documents_each_start_a_row_and_are_never_split():
+    """align=True: every document starts a row, the tail of its last row is padding (unscored, segment 0), a
+    document of up to T - 1 tokens sits whole in one row, and the row count does not depend on the order."""
+    # T = 4: 10 11 12 S | 20 S _ _ | 30 31 32 33 | 34 S _ _
+    docs = [[10, 11, 12], [20], [30, 31, 32, 33, 34]]
+    layout = PackedLayout(_Store(docs), np.arange(3), seq_len=4, separator=SEP, align=True)
+    assert layout.num_rows == 4
+    b = _rows(layout, [0, 1, 2, 3])
+    np.testing.assert_array_equal(b["input_ids"], [[10, 11, 12, SEP], [20, SEP, PAD, PAD],
+                                                   [30, 31, 32, 33], [34, SEP, PAD, PAD]])
+    np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 3], [0, 1, 0, 0], [0, 1, 2, 3], [0, 1, 0, 0]])
+    np.testing.assert_array_equal(b["loss_mask"], [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(10, 50, rng.integers(1, 30)) for _ in range(60)]
+    store = _Store(docs)
+    counts = {PackedLayout(store, rng.permutation(60), seq_len=8, separator=SEP, align=True).num_rows
+              for _ in range(3)}
+    assert counts == {sum(-(-(len(d) + 1) // 8) for d in docs)}
+    order = rng.permutation(60)
+    layout = PackedLayout(store, order, seq_len=8, separator=SEP, align=True)
+    b = _rows(layout, np.arange(layout.num_rows))
+    short = {tuple(d) for d in docs if len(d) <= 7}
+    whole = {tuple(ids[seg == 1][:-1]) for ids, seg in zip(b["input_ids"], b["segment_ids"])}
+    assert short <= whole  # each short document is segment 1 of some row, separator included
+    # every token comes through, in order: the valid tokens of the rows are the documents and separators
+    stream = b["input_ids"][b["segment_ids"] > 0]
+    np.testing.assert_array_equal(stream, np.concatenate([np.append(docs[i], SEP) for i in order]))
+    # the streaming packer builds the same rows
+    packer = StreamPacker(iter([docs[i] for i in order]), seq_len=8, separator=SEP, align=True)
+    got = assemble_rows(*packer.windows(layout.num_rows), pad_id=PAD, causal=True)
+    assert packer.exhausted
+    for key in b:
+        np.testing.assert_array_equal(got[key], b[key], err_msg=key)
+
+
 @pytest.mark.parametrize("bad", [1, 0, -3])
 def test_seq_len_below_two_is_rejected(bad):
     with pytest.raises(DataError, match="seq_len"):

@@ -3,8 +3,10 @@
 import re
 
 import numpy as np
+import pytest
 
 from jaxctx.data import build_iterator
+from jaxctx.data.errors import DataError
 from jaxctx.data.passkey_docs import answer, passkey_documents, shortest_document
 from jaxctx.data.tokenizer import ByteTokenizer
 from jaxctx.evaluate import passkey
@@ -65,6 +67,42 @@ def test_longer_training_keys_vary_in_length_and_stay_out_of_the_eval_half():
     assert not any(map(passkey.is_eval_key, keys))
     assert ([d.tolist() for d in passkey_documents(encode, max_length=400, num_tokens=5_000, seed=0)]
             == [d.tolist() for d in passkey_documents(encode, max_length=400, num_tokens=5_000, seed=0, max_digits=5)])
+
+
+def test_min_length_keeps_documents_long_and_is_checked():
+    """passkey_min_length: documents of min_length..max_length tokens (whole filler sentences, so up to one
+    sentence shorter), which puts keys at distances up to the whole row; above max_length is an error."""
+    docs = passkey_documents(encode, max_length=1023, num_tokens=100_000, seed=0, min_length=1000)
+    lengths = np.array([len(d) for d in docs])
+    assert lengths.min() >= 1000 - len(encode(passkey.FILLER)) and lengths.max() <= 1023
+    distances = [len(d) - TOK.decode(d).index(passkey.needle(TOK.decode(d)[-6:-1])) for d in docs]
+    assert min(distances) < 150 and max(distances) > 900  # needle to end: from the needle + question to the row
+    with pytest.raises(DataError, match="passkey_min_length=600"):
+        passkey_documents(encode, max_length=511, num_tokens=1000, seed=0, min_length=600)
+
+
+def test_aligned_pipeline_rows_hold_whole_passkey_documents(make_cfg, corpus):
+    """data.align_documents + passkey_min_length: every passkey document sits whole in its own row (needle,
+    question and answer), so no row asks for a key it cannot see."""
+    cfg = make_cfg(source=corpus(n=50), seq_len=512, passkey_fraction=0.8, passkey_min_length=480,
+                   align_documents=True, validation_fraction=0.0)
+    it = build_iterator(cfg, "train", process_index=0, process_count=1)
+    found = 0
+    for _ in range(6):
+        b = next(it)
+        for ids, seg in zip(b["input_ids"], b["segment_ids"]):
+            text = TOK.decode(ids[seg == 1])
+            if passkey.QUESTION in text:
+                key = text[-6:-1]  # "... is KEY." (the separator decodes to nothing)
+                assert text.startswith(passkey.FILLER) and passkey.needle(key) in text, text[-80:]
+                assert (seg == 2).sum() == 0  # nothing else shares the row
+                found += 1
+    assert found > 10
+    with pytest.raises(DataError, match="align_documents"):  # a resume with other packing is refused
+        again = build_iterator(make_cfg(source=cfg.data.source, seq_len=512, passkey_fraction=0.8,
+                                        passkey_min_length=480, validation_fraction=0.0),
+                               "train", process_index=0, process_count=1)
+        again.set_state(it.get_state())
 
 
 def test_pipeline_mixes_the_stated_fraction_of_tokens(make_cfg, corpus):
