@@ -11,9 +11,8 @@ copies of a key digit at different distances, so a model cannot learn the second
 "the token a fixed offset back"; it has to match content, which is what retrieval at any depth needs, and a longer
 key gives more such tokens per document. Lengths are uniform in [max(shortest prompt, data.passkey_min_length),
 data.seq_len - 1] tokens (the separator makes the document fit a row; `data.align_documents` keeps it in one),
-depths uniform in [0, 1]. Keys come from the training half of the key
-space (`passkey.is_eval_key` is False), so `jaxctx eval passkey`, which draws only eval-half keys, never asks for
-a key the model was trained on.
+depths uniform in [0, 1]. Keys come from the training half of the key space (`passkey.is_eval_key` is False), so
+`jaxctx eval passkey`, which draws only eval-half keys, never asks for a key the model was trained on.
 
 Mixing is by tokens: documents are generated until they hold `fraction / (1 - fraction)` times the source's
 tokens, so `fraction` of the packed stream is passkey text; they are shuffled into the epoch order with the source

@@ -98,11 +98,11 @@ def test_aligned_pipeline_rows_hold_whole_passkey_documents(make_cfg, corpus):
                 assert (seg == 2).sum() == 0  # nothing else shares the row
                 found += 1
     assert found > 10
-    with pytest.raises(DataError, match="align_documents"):  # a resume with other packing is refused
-        again = build_iterator(make_cfg(source=cfg.data.source, seq_len=512, passkey_fraction=0.8,
+    unaligned = build_iterator(make_cfg(source=cfg.data.source, seq_len=512, passkey_fraction=0.8,
                                         passkey_min_length=480, validation_fraction=0.0),
                                "train", process_index=0, process_count=1)
-        again.set_state(it.get_state())
+    with pytest.raises(DataError, match="align_documents"):  # a resume with other packing is refused
+        unaligned.set_state(it.get_state())
 
 
 def test_pipeline_mixes_the_stated_fraction_of_tokens(make_cfg, corpus):
