@@ -33,6 +33,23 @@ def _scalars(row: dict) -> dict:
             and not isinstance(v, bool) and math.isfinite(float(v))}
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch: its writer module imports torch when it is installed
+    (~1.2 s of every run's startup on 2 cores) only to accept torch tensors, and the log writes Python floats.
+    Torch is hidden from that one import unless something has loaded it already."""
+    import sys
+
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError: tensorboardX takes its numpy-only path
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsLog:
     """Append rows to metrics.jsonl and mirror their scalars to TensorBoard (and W&B). `enabled=False`: no-op."""
 
@@ -42,8 +59,7 @@ class MetricsLog:
         self._tensorboard = self._wandb = None
         if not enabled:
             return
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = _summary_writer_class()
         # purge_step: TensorBoard hides events at or after it from earlier files (a killed run's rows past the
         # restored step); flush_secs bounds what a preemption loses of the event file.
         self._tensorboard = SummaryWriter(logdir=storage.join(workdir, TENSORBOARD_DIR),

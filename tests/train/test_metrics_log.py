@@ -74,3 +74,26 @@ def test_wandb_without_the_package_is_refused_before_writing(tmp_path, monkeypat
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="train.wandb_mode='cloud' is not one of online, offline, disabled"):
         config_lib.load(TINY, ["train.wandb_mode=cloud"])
+
+
+def test_the_event_writer_does_not_load_torch(tmp_path):
+    """tensorboardX imports torch when it is installed (~1.2 s of every run's startup); the log hides it from that
+    import and writes the same events. Torch still imports afterwards. A fresh process: this one may have torch."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from jaxctx import config as config_lib
+from jaxctx.train.metrics_log import MetricsLog
+log = MetricsLog(config_lib.load({TINY!r}, []), {str(tmp_path)!r}, start=0, enabled=True)
+log.append({{"step": 1, "loss": 2.5}})
+log.close()
+assert "torch" not in sys.modules, "tensorboardX loaded torch"
+import torch
+print("torch", torch.__version__)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("torch ")
+    assert tensorboard_scalars(tmp_path / "tensorboard") == {"loss": [(1, 2.5)]}

@@ -36,23 +36,8 @@ def read_metrics(workdir):
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Every in-process run here compiles the same step: a persistent compilation cache, for this module only,
-    makes each run after the first ~3 s instead of ~20 s on 2 cores (the cached executable is the same code, so
-    the bit-for-bit comparisons are unaffected)."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield
-    for name, value in old.items():
-        jax.config.update(name, value)
-    try:
-        from jax._src import compilation_cache
-        compilation_cache.reset_cache()  # so later modules run uncached, as they would alone
-    except (ImportError, AttributeError):
-        pass
+# Every in-process run here compiles the same step: tests/conftest.py's persistent cache compiles it once.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @pytest.fixture(scope="module")

@@ -39,12 +39,14 @@ def _port_free(port: int) -> bool:
         return True
 
 
-def _launch(workdir, processes: int, devices_per_process: int, overrides) -> list[tuple[int, str, str]]:
-    """Run train.py as `processes` jax.distributed processes of `devices_per_process` fake CPU devices each;
-    [(exit code, stdout, stderr)] per process."""
+def _launch(workdir, processes: int, devices_per_process: int, overrides, cache_env=None
+            ) -> list[tuple[int, str, str]]:
+    """Run train.py as `processes` jax.distributed processes of `devices_per_process` fake CPU devices each (with
+    the module's persistent compilation cache when `cache_env` is given); [(exit code, stdout, stderr)] per
+    process."""
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", **(cache_env or {}))
     procs = []
     for i in range(processes):
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, "--workdir", str(workdir)]
@@ -91,8 +93,8 @@ def _assert_ok(results):
         assert code == 0, err
 
 
-def test_two_processes_match_one(tmp_path, monkeypatch):
-    results = _launch(tmp_path / "multi", 2, 1, ARGS)
+def test_two_processes_match_one(tmp_path, monkeypatch, compilation_cache):
+    results = _launch(tmp_path / "multi", 2, 1, ARGS, compilation_cache)
     _assert_ok(results)
     # Logs and metrics come from process 0 only.
     assert "workdir:" in results[0][1] and "workdir:" not in results[1][1]
@@ -108,14 +110,14 @@ CP_ARGS = ("train.steps=4", "train.log_every=1", "train.checkpoint_every=2", "da
 
 
 @pytest.mark.slow
-def test_a_sequence_axis_over_two_processes_trains_and_resumes_like_one(tmp_path):
+def test_a_sequence_axis_over_two_processes_trains_and_resumes_like_one(tmp_path, compilation_cache):
     """parallel.sequence=8 over 2 processes x 4 devices: both processes are one data group and load the same
     rows (the whole batch), each device takes its length shards. Steps 1-2, a stop, then steps 3-4 resumed from
     the checkpoint equal 4 uninterrupted steps of one 8-device process."""
     args = (*CP_ARGS, "parallel.sequence=8")
-    _assert_ok(_launch(tmp_path / "multi", 2, 4, (*args, "train.stop_after=2")))
+    _assert_ok(_launch(tmp_path / "multi", 2, 4, (*args, "train.stop_after=2"), compilation_cache))
     assert _metrics(tmp_path / "multi", "step") == [1, 2]
-    results = _launch(tmp_path / "multi", 2, 4, args)
+    results = _launch(tmp_path / "multi", 2, 4, args, compilation_cache)
     _assert_ok(results)
     assert "resumed from" in results[0][2] and "at step 2" in results[0][2]
 
@@ -124,12 +126,12 @@ def test_a_sequence_axis_over_two_processes_trains_and_resumes_like_one(tmp_path
 
 
 @pytest.mark.slow
-def test_sequence_groups_spanning_processes_load_their_group_rows(tmp_path, monkeypatch):
+def test_sequence_groups_spanning_processes_load_their_group_rows(tmp_path, monkeypatch, compilation_cache):
     """data=2 x sequence=4 over 4 processes x 2 devices: processes {0, 1} hold batch rows 0-3 and {2, 3} rows
     4-7, so each pair is one data group loading the group's share of the documents. Equals one 8-device process
     fed group 0's rows then group 1's."""
     args = (*CP_ARGS[1:], "train.steps=3", "parallel.data=2", "parallel.sequence=4")
-    _assert_ok(_launch(tmp_path / "multi", 4, 2, args))
+    _assert_ok(_launch(tmp_path / "multi", 4, 2, args, compilation_cache))
 
     monkeypatch.setattr(pipeline, "build_iterator", _BothShards)
     assert run(config_lib.load(TINY, list(args)), str(tmp_path / "single")) == 0
@@ -176,7 +178,7 @@ def _slurm_job_id() -> int:
 
 
 @pytest.mark.slow
-def test_slurm_sbatch_trains_like_one_process(tmp_path, monkeypatch):
+def test_slurm_sbatch_trains_like_one_process(tmp_path, monkeypatch, compilation_cache):
     """slurm/train.sbatch under a stand-in srun that starts 2 tasks with srun's variables: train.py initializes
     jax.distributed from them alone (JAX's SLURM detection: coordinator localhost, port from SLURM_JOB_ID) and
     trains equal to one process fed both tasks' rows."""
@@ -190,7 +192,7 @@ def test_slurm_sbatch_trains_like_one_process(tmp_path, monkeypatch):
                SLURM_JOB_ID=str(_slurm_job_id()), SLURM_NTASKS="2",
                SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1", SLURM_SUBMIT_DIR=ROOT,
                VENV=str(tmp_path / "no-venv"), WORKDIR=str(tmp_path / "multi"),
-               XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+               XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1", **compilation_cache)
     args = [x for o in ARGS for x in ("--set", o)]
     done = subprocess.run(["bash", os.path.join(ROOT, "slurm", "train.sbatch"), TINY, *args], env=env,
                           capture_output=True, text=True, timeout=300)
