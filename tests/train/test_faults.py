@@ -19,6 +19,9 @@ from jaxctx.errors import WorkdirError
 from jaxctx.train import workdir as workdir_lib
 from jaxctx.train.loop import run
 
+# Runs of the same tiny config compile one step: tests/conftest.py's persistent cache compiles it once.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 BASE = ("train.log_every=1", "train.checkpoint_every=2", "data.validation_fraction=0", "data.max_documents=20",

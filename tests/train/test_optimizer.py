@@ -20,6 +20,9 @@ from jaxctx.train.state import create_state
 from jaxctx.train.step import make_train_step
 from jaxctx.parallel import make_mesh
 
+# Runs of the same tiny config compile one step: tests/conftest.py's persistent cache compiles it once.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 

@@ -19,6 +19,9 @@ from jaxctx.train.loop import run
 from jaxctx.train.runner import make_runner
 from jaxctx.train.step import loss_sums, make_train_step
 
+# Runs of the same tiny config compile one step: tests/conftest.py's persistent cache compiles it once.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 T = 64

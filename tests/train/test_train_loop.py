@@ -14,6 +14,9 @@ import pytest
 from jaxctx import config as config_lib
 from jaxctx.train.loop import run
 
+# Runs of the same tiny config compile one step: tests/conftest.py's persistent cache compiles it once.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 

@@ -17,6 +17,9 @@ from jaxctx.train.runner import make_runner
 from jaxctx.convert.mapping import resize_positions
 from jaxctx.train.warm_start import lm_params, task_params
 
+# Runs of the same tiny config compile one step: tests/conftest.py's persistent cache compiles it once.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
 MODEL = {"family": "bert", "num_layers": 1, "num_heads": 2, "d_model": 16, "vocab_size": 40, "attention": "reference"}
 
 
