@@ -145,10 +145,10 @@ def test_max_context_bad_input_is_a_clear_error(argv, message, capsys):
 def test_max_context_sequence_sweep(tmp_path, capsys):
     """N = 1 and 4 on the tiny model: each N gets its own N devices, rows and the scaling plot are written, and
     splitting the sequence over 4 devices fits a longer context than one device at the same per-device budget
-    (measured: 2048 on one device; 8192, the search limit, on four)."""
+    (measured: 2048 on one device; 4096, the search limit, on four)."""
     out = tmp_path / "seq.json"
     rc = main(["bench", "max-context", "--config", TINY, "--budget-gb", str(24 / 1024), "--sequence", "1,4",
-               "--start", "2048", "--granularity", "2048", "--limit", "8192", "--mlp-chunk", "256",
+               "--start", "2048", "--granularity", "2048", "--limit", "4096", "--mlp-chunk", "256",
                "--loss-chunk", "256", "--set", "model.attention_block_q=128", "--set", "model.attention_block_k=128",
                "--out", str(out)])
     assert rc == 0
