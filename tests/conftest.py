@@ -26,7 +26,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a TPU"))
 
 
-
 @pytest.fixture(scope="module")
 def compilation_cache(tmp_path_factory):
     """A persistent compilation cache for one module (opt in with `pytestmark =

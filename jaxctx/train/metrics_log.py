@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 
 from jaxctx import storage
 from jaxctx.errors import ConfigError
@@ -37,8 +38,6 @@ def _summary_writer_class():
     """tensorboardX's SummaryWriter, imported without torch: its writer module imports torch when it is installed
     (~1.2 s of every run's startup on 2 cores) only to accept torch tensors, and the log writes Python floats.
     Torch is hidden from that one import unless something has loaded it already."""
-    import sys
-
     if "torch" in sys.modules or "tensorboardX" in sys.modules:
         from tensorboardX import SummaryWriter
         return SummaryWriter
