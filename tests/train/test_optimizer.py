@@ -20,7 +20,7 @@ from jaxctx.train.state import create_state
 from jaxctx.train.step import make_train_step
 from jaxctx.parallel import make_mesh
 
-# Runs of the same tiny config compile one step: tests/conftest.py's persistent cache compiles it once.
+# Tests here compile the same steps again and again: tests/conftest.py's persistent cache compiles each once.
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

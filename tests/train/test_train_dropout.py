@@ -19,7 +19,7 @@ from jaxctx.train.loop import run
 from jaxctx.train.runner import make_runner
 from jaxctx.train.step import loss_sums, make_train_step
 
-# Runs of the same tiny config compile one step: tests/conftest.py's persistent cache compiles it once.
+# Tests here compile the same steps again and again: tests/conftest.py's persistent cache compiles each once.
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -14,7 +14,7 @@ import pytest
 from jaxctx import config as config_lib
 from jaxctx.train.loop import run
 
-# Runs of the same tiny config compile one step: tests/conftest.py's persistent cache compiles it once.
+# Tests here compile the same steps again and again: tests/conftest.py's persistent cache compiles each once.
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

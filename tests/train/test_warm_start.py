@@ -17,7 +17,7 @@ from jaxctx.train.runner import make_runner
 from jaxctx.convert.mapping import resize_positions
 from jaxctx.train.warm_start import lm_params, task_params
 
-# Runs of the same tiny config compile one step: tests/conftest.py's persistent cache compiles it once.
+# Tests here compile the same steps again and again: tests/conftest.py's persistent cache compiles each once.
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 MODEL = {"family": "bert", "num_layers": 1, "num_heads": 2, "d_model": 16, "vocab_size": 40, "attention": "reference"}
