@@ -280,6 +280,7 @@ class DataConfig:
     passkey_fraction: float = 0.0  # share of the packed tokens that are passkey documents; 0 = none
     passkey_max_digits: int = 5  # training keys have 5..N digits (uniform); the eval's keys have 5
     passkey_min_length: int = 0  # passkey documents have this many to seq_len - 1 tokens; 0 = the shortest possible
+    passkey_full_length_fraction: float = 0.0  # share of passkey documents exactly seq_len - 1 tokens long
     align_documents: bool = False  # every document starts a row (its last row's tail is padding): none is split
 
     def validate(self) -> None:
@@ -313,6 +314,9 @@ class DataConfig:
         if self.passkey_min_length >= self.seq_len:
             raise ConfigError(f"data.passkey_min_length={self.passkey_min_length} must be below data.seq_len="
                               f"{self.seq_len} (a document and its separator fit one row)")
+        if not 0.0 <= self.passkey_full_length_fraction <= 1.0:
+            raise ConfigError(f"data.passkey_full_length_fraction={self.passkey_full_length_fraction} must be in "
+                              f"[0, 1] (the share of passkey documents that fill a whole row)")
         if self.passkey_fraction and self.streaming:
             raise ConfigError("data.passkey_fraction needs a map-style corpus (its documents are sized from the "
                               "corpus's token count); set data.streaming=false or data.passkey_fraction=0")

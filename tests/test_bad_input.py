@@ -185,6 +185,8 @@ CASES = [
     Case("set-passkey-max-digits-four", T(*S("data.passkey_max_digits=4")), "data.passkey_max_digits=4"),
     Case("set-passkey-min-length-too-long", T(*S("data.passkey_min_length=128")),
          "data.passkey_min_length=128 must be below data.seq_len=128"),
+    Case("set-passkey-full-length-fraction-above-one", T(*S("data.passkey_full_length_fraction=1.5")),
+         "data.passkey_full_length_fraction=1.5 must be in [0, 1]"),
     Case("set-bad-family", T(*S("model.family=gpt5")), "model.family"),
     Case("set-dropout-one", T(*S("model.dropout=1")), "model.dropout=1.0 must be in [0, 1)"),
     Case("set-attention-dropout-cudnn", T(*S("model.attention_dropout=0.1", "model.attention=cudnn")),

@@ -11,7 +11,10 @@ copies of a key digit at different distances, so a model cannot learn the second
 "the token a fixed offset back"; it has to match content, which is what retrieval at any depth needs, and a longer
 key gives more such tokens per document. Lengths are uniform in [max(shortest prompt, data.passkey_min_length),
 data.seq_len - 1] tokens (the separator makes the document fit a row; `data.align_documents` keeps it in one),
-depths uniform in [0, 1]. Keys come from the training half of the key space (`passkey.is_eval_key` is False), so
+depths uniform in [0, 1]. With uniform lengths a key-to-question distance d has density ∝ ln(max_length / max(d,
+min_length)), so distances near the whole row are rare (at 4096 tokens, 3900 back is 29x rarer than under 1000);
+`data.passkey_full_length_fraction` makes that share of documents exactly `data.seq_len - 1` tokens long, whose
+distances are uniform over the whole row, and keeps the shorter ones for the short prompts. Keys come from the training half of the key space (`passkey.is_eval_key` is False), so
 `jaxctx eval passkey`, which draws only eval-half keys, never asks for a key the model was trained on.
 
 Mixing is by tokens: documents are generated until they hold `fraction / (1 - fraction)` times the source's
@@ -48,10 +51,10 @@ def shortest_document(encode: Callable[[str], np.ndarray], max_digits: int = 5) 
 
 def passkey_documents(encode: Callable[[str], np.ndarray], *, max_length: int, num_tokens: int, seed: int,
                       split: str = "train", process_index: int = 0, max_digits: int = 5,
-                      min_length: int = 0) -> list[np.ndarray]:
-    """Passkey documents (int32 token ids) of max(`shortest_document`, `min_length`) to `max_length` tokens, until
-    they hold at least `num_tokens` tokens, with keys of 5 to `max_digits` digits. Deterministic in (seed, split,
-    process_index)."""
+                      min_length: int = 0, full_length_fraction: float = 0.0) -> list[np.ndarray]:
+    """Passkey documents (int32 token ids) of max(`shortest_document`, `min_length`) to `max_length` tokens (a
+    `full_length_fraction` share of them exactly `max_length`), until they hold at least `num_tokens` tokens, with
+    keys of 5 to `max_digits` digits. Deterministic in (seed, split, process_index)."""
     shortest = shortest_document(encode, max_digits)
     if max_length < shortest:
         raise DataError(f"data.passkey_fraction: a passkey document needs at least {shortest} tokens but "
@@ -64,6 +67,8 @@ def passkey_documents(encode: Callable[[str], np.ndarray], *, max_length: int, n
     docs, total = [], 0
     while total < num_tokens:
         length = int(rng.integers(min_length, max_length + 1))
+        if full_length_fraction and rng.random() < full_length_fraction:  # 0: no draw, the stream of old runs
+            length = max_length
         depth = float(rng.random())
         digits = 5 if max_digits == 5 else int(rng.integers(5, max_digits + 1))  # 5: the stream of old runs
         key = draw_key(rng, eval_half=False, digits=digits)

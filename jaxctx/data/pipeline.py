@@ -208,7 +208,8 @@ class DataIterator:
             return passkey_documents(encode, max_length=max_length, seed=seed, split=split,
                                      num_tokens=passkey_token_budget(fraction, source_tokens),
                                      process_index=process_index, max_digits=self.cfg.data.passkey_max_digits,
-                                     min_length=self.cfg.data.passkey_min_length)
+                                     min_length=self.cfg.data.passkey_min_length,
+                                     full_length_fraction=self.cfg.data.passkey_full_length_fraction)
 
         return documents
 
@@ -268,6 +269,7 @@ class DataIterator:
             "passkey_fraction": self.cfg.data.passkey_fraction,
             "passkey_max_digits": self.cfg.data.passkey_max_digits,
             "passkey_min_length": self.cfg.data.passkey_min_length,
+            "passkey_full_length_fraction": self.cfg.data.passkey_full_length_fraction,
             "align_documents": self.cfg.data.align_documents,
             "process_count": self.process_count,
         }
@@ -278,11 +280,11 @@ class DataIterator:
             raise DataError(f"iterator state version {state.get('version')!r} is not {STATE_VERSION}")
         mine = self.get_state()
         # states saved before these keys existed had no passkey documents, or 5-digit keys
-        state = {"passkey_fraction": 0.0, "passkey_max_digits": 5, "passkey_min_length": 0, "align_documents": False,
-                 **state}
+        state = {"passkey_fraction": 0.0, "passkey_max_digits": 5, "passkey_min_length": 0,
+                 "passkey_full_length_fraction": 0.0, "align_documents": False, **state}
         # these change what a row means
         for key in ("split", "seed", "seq_len", "streaming", "passkey_fraction", "passkey_max_digits",
-                    "passkey_min_length", "align_documents"):
+                    "passkey_min_length", "passkey_full_length_fraction", "align_documents"):
             if state.get(key) != mine[key]:
                 raise DataError(f"the saved data iterator state has {key}={state.get(key)!r} but this pipeline "
                                 f"has {key}={mine[key]!r}; resume with the same data settings or start fresh")

@@ -81,6 +81,26 @@ def test_min_length_keeps_documents_long_and_is_checked():
         passkey_documents(encode, max_length=511, num_tokens=1000, seed=0, min_length=600)
 
 
+def test_full_length_fraction_makes_long_distances_common():
+    """passkey_full_length_fraction: that share of documents fills the row (whole filler sentences, so up to one
+    sentence short), the rest keep uniform lengths; keys far back, rare with uniform lengths, become common."""
+    filler = len(encode(passkey.FILLER))
+
+    def stats(fraction):
+        docs = passkey_documents(encode, max_length=2047, num_tokens=600_000, seed=0, min_length=500,
+                                 full_length_fraction=fraction)
+        lengths = np.array([len(d) for d in docs])
+        distances = np.array([len(d) - TOK.decode(d).index(passkey.needle(TOK.decode(d)[-6:-1])) for d in docs])
+        return (lengths > 2047 - filler).mean(), (distances > 1500).mean(), lengths.min()
+
+    full_none, far_none, shortest_none = stats(0.0)
+    full_half, far_half, shortest_half = stats(0.5)
+    assert full_none < 0.05 and 0.4 < full_half < 0.65  # ~0.5 + the uniform draws' own near-full share
+    assert far_half > 3 * far_none  # P(d > 1500): ~0.03 with uniform lengths, ~0.16 with half of them full rows
+    assert shortest_half < 600  # the short documents stay
+    assert (stats(1.0)[0]) == 1.0
+
+
 def test_aligned_pipeline_rows_hold_whole_passkey_documents(make_cfg, corpus):
     """data.align_documents + passkey_min_length: every passkey document sits whole in its own row (needle,
     question and answer), so no row asks for a key it cannot see."""
@@ -103,6 +123,12 @@ def test_aligned_pipeline_rows_hold_whole_passkey_documents(make_cfg, corpus):
                                "train", process_index=0, process_count=1)
     with pytest.raises(DataError, match="align_documents"):  # a resume with other packing is refused
         unaligned.set_state(it.get_state())
+    half_full = build_iterator(make_cfg(source=cfg.data.source, seq_len=512, passkey_fraction=0.8,
+                                        passkey_min_length=480, align_documents=True, validation_fraction=0.0,
+                                        passkey_full_length_fraction=0.5),
+                               "train", process_index=0, process_count=1)
+    with pytest.raises(DataError, match="passkey_full_length_fraction"):  # nor with other document lengths
+        half_full.set_state(it.get_state())
 
 
 def test_pipeline_mixes_the_stated_fraction_of_tokens(make_cfg, corpus):
