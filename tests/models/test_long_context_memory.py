@@ -10,6 +10,7 @@ guard as lax.cond), 21.3 (zero buffers made inside their loops, embedding gradie
 """
 
 import jax
+import pytest
 
 from jaxctx import config as config_lib
 from jaxctx.bench.trainstep import compile_step, config_at
@@ -31,6 +32,7 @@ def test_blockwise_step_costs_few_activations_per_token():
     assert _arrays_per_token("model.num_layers=4") <= 18.5
 
 
+@pytest.mark.slow
 def test_remat_groups_save_layer_inputs():
     """8 layers in groups of 4: the backward holds 2 group inputs + 4 layer inputs instead of 8."""
     per_layer = _arrays_per_token("model.num_layers=8")

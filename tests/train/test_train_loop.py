@@ -100,6 +100,7 @@ def _wait_for_checkpoint(proc, workdir, step, timeout=240):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_continues_on_the_next_batch(tmp_path):
     """A run killed (SIGKILL) after its step-20 checkpoint and resumed equals the uninterrupted run step for step."""
     args = ("train.steps=40", "train.log_every=1", "train.checkpoint_every=20", "data.validation_fraction=0")
@@ -119,6 +120,7 @@ def test_resume_after_sigkill_continues_on_the_next_batch(tmp_path):
     np.testing.assert_array_equal([r["grad_norm"] for r in got], [r["grad_norm"] for r in want])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [
     ("model.family=gpt2",),
     ("model.family=llama", "model.num_kv_heads=1"),
@@ -138,6 +140,7 @@ def test_sharded_mesh_matches_one_device(tmp_path, model):
                                [r["loss"] for r in read_metrics(tmp_path / "one")], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_restore_on_a_different_device_count(tmp_path):
     base = ("train.log_every=1", "train.checkpoint_every=4", "model.num_heads=4", "data.validation_fraction=0")
     ref = tmp_path / "ref"
@@ -150,6 +153,7 @@ def test_restore_on_a_different_device_count(tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_pmap_matches_jit(tmp_path):
     base = ("train.steps=5", "train.log_every=1", "data.validation_fraction=0")
     assert run(tiny(*base), str(tmp_path / "jit"), devices=jax.devices()[:4]) == 0
