@@ -29,6 +29,7 @@ EXPECTED = {
     "extend-llama-1k": ("llama", 0.5, 1.0),  # the 2 x 128 llama of `python train.py --set model.family=llama`
     "passkey-llama-256": ("llama", 0.5, 1.0),  # 2 x 128 llama, stage 1 of the passkey recipe
     "passkey-llama-1k": ("llama", 0.5, 1.0),  # the same model, stage 2 at 1024 tokens
+    "passkey-llama-4k": ("llama", 0.5, 1.0),  # the same model, the 4096-token runs
 }
 
 
