@@ -24,12 +24,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a GPU"))
         if item.get_closest_marker("tpu") and backend != "tpu":
             item.add_marker(pytest.mark.skip(reason="needs a TPU"))
-    # Modules holding a `slow` test run first, each kept whole (stable sort; module fixtures stay set up once).
-    # Under `pytest -n 2` xdist hands tests out in collection order, so the minute-long multi-process and
-    # training tests, last in alphabetical order, used to end up in one worker's final queue while the other
-    # worker sat idle; with them first, the run ends on short tests.
-    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module not in slow_modules)
 
 
 @pytest.fixture(scope="module")
