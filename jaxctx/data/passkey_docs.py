@@ -14,8 +14,9 @@ data.seq_len - 1] tokens (the separator makes the document fit a row; `data.alig
 depths uniform in [0, 1]. With uniform lengths a key-to-question distance d has density ∝ ln(max_length / max(d,
 min_length)), so distances near the whole row are rare (at 4096 tokens, 3900 back is 29x rarer than under 1000);
 `data.passkey_full_length_fraction` makes that share of documents exactly `data.seq_len - 1` tokens long, whose
-distances are uniform over the whole row, and keeps the shorter ones for the short prompts. Keys come from the training half of the key space (`passkey.is_eval_key` is False), so
-`jaxctx eval passkey`, which draws only eval-half keys, never asks for a key the model was trained on.
+distances are uniform over the whole row, and keeps the shorter ones for the short prompts. Keys come from the
+training half of the key space (`passkey.is_eval_key` is False), so `jaxctx eval passkey`, which draws only
+eval-half keys, never asks for a key the model was trained on.
 
 Mixing is by tokens: documents are generated until they hold `fraction / (1 - fraction)` times the source's
 tokens, so `fraction` of the packed stream is passkey text; they are shuffled into the epoch order with the source

@@ -93,12 +93,12 @@ def test_full_length_fraction_makes_long_distances_common():
         distances = np.array([len(d) - TOK.decode(d).index(passkey.needle(TOK.decode(d)[-6:-1])) for d in docs])
         return (lengths > 2047 - filler).mean(), (distances > 1500).mean(), lengths.min()
 
-    full_none, far_none, shortest_none = stats(0.0)
+    full_none, far_none, _ = stats(0.0)
     full_half, far_half, shortest_half = stats(0.5)
     assert full_none < 0.05 and 0.4 < full_half < 0.65  # ~0.5 + the uniform draws' own near-full share
     assert far_half > 3 * far_none  # P(d > 1500): ~0.03 with uniform lengths, ~0.16 with half of them full rows
     assert shortest_half < 600  # the short documents stay
-    assert (stats(1.0)[0]) == 1.0
+    assert stats(1.0)[0] == 1.0  # every document a full row
 
 
 def test_aligned_pipeline_rows_hold_whole_passkey_documents(make_cfg, corpus):
