@@ -172,10 +172,10 @@ def _run_block(update, state, i, j, ranges, causal):
 def _masked_scores(q_blk, k_blk, qp, kp, qs, ks, masked):
     """Scores of a query block against a key block, -inf where not visible.
 
-    [B, bq, Hkv, G, D] x [B, bk, Hkv, D] -> [B, Hkv, G, bq, bk] float32 (q already scaled). qp/kp: [P, bq] /
+    [B, Hkv, G, bq, D] x [B, Hkv, D, bk] -> [B, Hkv, G, bq, bk] float32 (q already scaled). qp/kp: [P, bq] /
     [P, bk] positions (None = not causal); qs/ks: [B, bq] / [B, bk] segment ids (None = no segments).
     """
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", q_blk, k_blk, preferred_element_type=jnp.float32)
+    s = jnp.einsum("bhgqd,bhdk->bhgqk", q_blk, k_blk, preferred_element_type=jnp.float32)
     if not masked:
         return s
     mask = None
@@ -185,6 +185,31 @@ def _masked_scores(q_blk, k_blk, qp, kp, qs, ks, masked):
         same = (qs[:, :, None] == ks[:, None, :])[:, None, None]  # [B, 1, 1, bq, bk]
         mask = same if mask is None else mask & same
     return s if mask is None else jnp.where(mask, s, -jnp.inf)
+
+
+# Operand layouts. Every block matmul is written as a plain row-major GEMM, [M, K] x [K, N] -> [M, N], batched over
+# (B, Hkv): each operand is sliced from a copy of q, k, v or dO laid out once per call so that its block already
+# has that form. Token-major slices, or a contraction over a non-minor axis, made XLA:CPU transpose the [bq, bk]
+# score tiles inside every block (a quarter of the forward's time at T=8192, more in the backward).
+
+def head_major(x):
+    """[B, T, Hkv, G, D] -> [B, Hkv, G, T, D] and [B, T, Hkv, D] -> [B, Hkv, T, D]: blocks are [rows, D]."""
+    return jnp.moveaxis(x, 1, -2)
+
+
+def token_major(x):
+    """Inverse of `head_major`."""
+    return jnp.moveaxis(x, -2, 1)
+
+
+def feature_major(x):
+    """[B, T, Hkv, G, D] -> [B, Hkv, D, G, T] and [B, T, Hkv, D] -> [B, Hkv, D, T]: blocks are [D, rows]."""
+    return jnp.moveaxis(x, 1, -1) if x.ndim == 4 else jnp.transpose(x, (0, 2, 4, 3, 1))
+
+
+def from_feature_major(x):
+    """Inverse of `feature_major` for [B, Hkv, D, T] -> [B, T, Hkv, D]."""
+    return jnp.moveaxis(x, -1, 1)
 
 
 def _slice(x, start, size, axis=1):
@@ -242,9 +267,10 @@ def chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, bq: int,
     nq, nk = tq // bq, k.shape[1] // bk
     scale = 1.0 / (d ** 0.5)
     ranges = block_ranges(q_pos, k_pos, q_seg, k_seg, bq, bk)
+    kt, vh = feature_major(k), head_major(v)  # [B, Hkv, D, Tk], [B, Hkv, Tk, D]: read by every query block
 
     def query_block(i, carry):
-        q_blk = _slice(q, i * bq, bq) * jnp.asarray(scale, q.dtype)
+        q_blk = head_major(_slice(q, i * bq, bq)) * jnp.asarray(scale, q.dtype)  # [B, Hkv, G, bq, D]
         qp, qs = _slice(q_pos, i * bq, bq), _slice(q_seg, i * bq, bq)
 
         def key_block(j, st):
@@ -252,7 +278,7 @@ def chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, bq: int,
 
         def update(j, st, masked):
             m, l, acc = st  # [B, Hkv, G, bq], [B, Hkv, G, bq], [B, Hkv, G, bq, D]
-            k_blk, v_blk = _slice(k, j * bk, bk), _slice(v, j * bk, bk)
+            k_blk, v_blk = _slice(kt, j * bk, bk, axis=3), _slice(vh, j * bk, bk, axis=2)  # [B, Hkv, D|bk, bk|D]
             s = _masked_scores(q_blk, k_blk, qp if causal else None, _slice(k_pos, j * bk, bk),
                                qs, _slice(k_seg, j * bk, bk), masked)  # [B, Hkv, G, bq, bk]
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -262,7 +288,7 @@ def chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, bq: int,
             l = l * correction + jnp.sum(p, axis=-1)  # the softmax normaliser counts dropped entries too
             if dropout is not None:
                 p = p * _dropout_factor(dropout, _slice(q_pos, i * bq, bq), _slice(k_pos, j * bk, bk), b, hkv, g)
-            pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
+            pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
             acc = acc * correction[..., None] + pv
             return m_new, l, acc
 
@@ -271,26 +297,25 @@ def chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, bq: int,
                     jnp.zeros((b, hkv, g, bq, d), jnp.float32))
         else:  # continue this query block's statistics from earlier chunks
             acc_buf, m_buf, l_buf = carry
-            init = (_slice(m_buf, i * bq, bq, axis=3), _slice(l_buf, i * bq, bq, axis=3),
-                    jnp.transpose(_slice(acc_buf, i * bq, bq), (0, 2, 3, 1, 4)))
+            init = tuple(_slice(x, i * bq, bq, axis=3) for x in (m_buf, l_buf, acc_buf))
         lo, hi = _visible_range(ranges, i, nk, over_keys=True) if causal and sorted_positions else (0, nk)
         m, l, acc = lax.fori_loop(lo, hi, key_block, init)
         if state is not None:
-            acc_buf = lax.dynamic_update_slice_in_dim(acc_buf, jnp.transpose(acc, (0, 3, 1, 2, 4)), i * bq, axis=1)
+            acc_buf = lax.dynamic_update_slice_in_dim(acc_buf, acc, i * bq, axis=3)
             return (acc_buf, lax.dynamic_update_slice_in_dim(m_buf, m, i * bq, axis=3),
                     lax.dynamic_update_slice_in_dim(l_buf, l, i * bq, axis=3))
         out_buf, lse_buf = carry
-        out_blk, lse_blk = _normalise(acc, m, l)
-        out_blk = jnp.transpose(out_blk, (0, 3, 1, 2, 4)).astype(out_buf.dtype)  # [B, bq, Hkv, G, D]
-        out_buf = lax.dynamic_update_slice_in_dim(out_buf, out_blk, i * bq, axis=1)
+        out_blk, lse_blk = _normalise(acc, m, l)  # [B, Hkv, G, bq, D], [B, Hkv, G, bq]
+        out_buf = lax.dynamic_update_slice_in_dim(out_buf, out_blk.astype(out_buf.dtype), i * bq, axis=3)
         lse_buf = lax.dynamic_update_slice_in_dim(lse_buf, lse_blk, i * bq, axis=3)
         return out_buf, lse_buf
 
     if state is not None:
         return lax.fori_loop(0, nq, query_block, tuple(state))
-    out = zeros_like_in_loop(q)
+    out = zeros_like_in_loop(q, (b, hkv, g, tq, d))
     lse = zeros_like_in_loop(q, (b, hkv, g, tq), jnp.float32)
-    return lax.fori_loop(0, nq, query_block, (out, lse))
+    out, lse = lax.fori_loop(0, nq, query_block, (out, lse))
+    return token_major(out), lse
 
 
 def _lse(m, l):
@@ -304,18 +329,19 @@ def _normalise(acc, m, l):
 
 
 def init_state(q):
-    """Empty running statistics for queries q [B, Tq, Hkv, G, D]: acc f32 like q (unnormalised output),
-    m (running row max, -inf) and l (running row sum, 0), both [B, Hkv, G, Tq] f32."""
-    b, tq, hkv, g, _ = q.shape
-    return (zeros_like_in_loop(q, dtype=jnp.float32), jnp.full((b, hkv, g, tq), -jnp.inf, jnp.float32),
+    """Empty running statistics for queries q [B, Tq, Hkv, G, D]: acc [B, Hkv, G, Tq, D] f32 (unnormalised
+    output, head-major like the kernel's blocks), m (running row max, -inf) and l (running row sum, 0), both
+    [B, Hkv, G, Tq] f32."""
+    b, tq, hkv, g, d = q.shape
+    return (zeros_like_in_loop(q, (b, hkv, g, tq, d), jnp.float32), jnp.full((b, hkv, g, tq), -jnp.inf, jnp.float32),
             jnp.zeros((b, hkv, g, tq), jnp.float32))
 
 
 def finish_state(state, dtype):
     """Running statistics -> out [B, Tq, Hkv, G, D] in dtype and lse [B, Hkv, G, Tq] f32."""
     acc, m, l = state
-    rows = jnp.transpose(jnp.where(l == 0.0, 1.0, l), (0, 3, 1, 2))[..., None]  # [B, Tq, Hkv, G, 1]
-    return (acc / rows).astype(dtype), _lse(m, l)
+    out, lse = _normalise(acc, m, l)
+    return token_major(out).astype(dtype), lse
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,59 +371,67 @@ def chunk_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, delta, d_out, *, ca
     scale = 1.0 / (d ** 0.5)
     ranges = block_ranges(q_pos, k_pos, q_seg, k_seg, bq, bk)
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # rows that see nothing: exp(s - inf) = 0, never NaN
+    # Read by every key block: [B, Hkv, G, Tq, D] and [B, Hkv, D, G, Tq] copies of q and dO.
+    qh, qt, doh, dot = head_major(q), feature_major(q), head_major(d_out), feature_major(d_out)
 
     def key_block(j, carry):
-        dq_buf, dk_buf, dv_buf = carry
+        dq_buf, dk_buf, dv_buf = carry  # [B, Hkv, G, Tq, D]; dK^T, dV^T [B, Hkv, D, Tk]
         k_blk, v_blk = _slice(k, j * bk, bk), _slice(v, j * bk, bk)  # [B, bk, Hkv, D]
+        k_blk, kt_blk, vt_blk = head_major(k_blk), feature_major(k_blk), feature_major(v_blk)
         kp, ks = _slice(k_pos, j * bk, bk), _slice(k_seg, j * bk, bk)
 
         def query_block(i, state):
-            dq_acc, dk_acc, dv_acc = state  # dq_acc [B, Tq, Hkv, G, D]; dk/dv_acc [B, Hkv, bk, D]
+            dq_acc, dk_acc, dv_acc = state  # dq_acc [B, Hkv, G, Tq, D]; dk/dv_acc: dK^T, dV^T [B, Hkv, D, bk]
             # Only block-sized values go through _run_block's lax.switch: with the full-length dq buffer in the
             # switch's operands XLA copies it (one more [B, T, H, D] array whenever segment ids are given).
-            dq_zero = jnp.zeros((b, bq) + q.shape[2:], jnp.float32)
+            dq_zero = jnp.zeros((b, hkv, g, bq, d), jnp.float32)
             dq_blk, dk_acc, dv_acc = _run_block(lambda st, masked: update(i, st, masked),
                                                 (dq_zero, dk_acc, dv_acc), i, j, ranges, causal)
             dq_acc = lax.dynamic_update_slice_in_dim(
-                dq_acc, lax.dynamic_slice_in_dim(dq_acc, i * bq, bq, axis=1) + dq_blk, i * bq, axis=1)
+                dq_acc, lax.dynamic_slice_in_dim(dq_acc, i * bq, bq, axis=3) + dq_blk, i * bq, axis=3)
             return dq_acc, dk_acc, dv_acc
 
         def update(i, state, masked):
-            _, dk_acc, dv_acc = state  # the block's dQ [B, bq, Hkv, G, D] starts at zero
-            q_blk = _slice(q, i * bq, bq) * jnp.asarray(scale, q.dtype)
-            do_blk = _slice(d_out, i * bq, bq)  # [B, bq, Hkv, G, D]
+            _, dk_acc, dv_acc = state  # the block's dQ [B, Hkv, G, bq, D] starts at zero
+            q_blk = _slice(qh, i * bq, bq, axis=3) * jnp.asarray(scale, q.dtype)  # [B, Hkv, G, bq, D]
+            qt_blk = _slice(qt, i * bq, bq, axis=4)  # [B, Hkv, D, G, bq], unscaled
+            do_blk, dot_blk = _slice(doh, i * bq, bq, axis=3), _slice(dot, i * bq, bq, axis=4)
             lse_blk = _slice(lse, i * bq, bq, axis=3)  # [B, Hkv, G, bq]
             delta_blk = _slice(delta, i * bq, bq, axis=3)
-            s = _masked_scores(q_blk, k_blk, _slice(q_pos, i * bq, bq) if causal else None, kp,
+            s = _masked_scores(q_blk, kt_blk, _slice(q_pos, i * bq, bq) if causal else None, kp,
                                _slice(q_seg, i * bq, bq), ks, masked)  # [B, Hkv, G, bq, bk]
             p = jnp.exp(s - lse_blk[..., None])  # exact softmax probabilities of this block
             # With dropout O = (P * Z) V, Z = keep / (1 - rate): dV = (P * Z)^T dO and dP = Z * (dO V^T); the
             # softmax term rowsum(P * dP) is still rowsum(dO * O) = delta.
             z = None if dropout is None else _dropout_factor(dropout, _slice(q_pos, i * bq, bq), kp, b, hkv, g)
-            dv_acc = dv_acc + jnp.einsum("bhgqk,bqhgd->bhkd", _times(p, z).astype(do_blk.dtype), do_blk,
+            dv_acc = dv_acc + jnp.einsum("bhdgq,bhgqk->bhdk", dot_blk, _times(p, z).astype(do_blk.dtype),
                                          preferred_element_type=jnp.float32)
-            dp = _times(jnp.einsum("bqhgd,bkhd->bhgqk", do_blk, v_blk, preferred_element_type=jnp.float32), z)
+            dp = _times(jnp.einsum("bhgqd,bhdk->bhgqk", do_blk, vt_blk, preferred_element_type=jnp.float32), z)
             ds = p * (dp - delta_blk[..., None])  # [B, Hkv, G, bq, bk]
             ds_in = ds.astype(q.dtype)
-            dq_blk = jnp.einsum("bhgqk,bkhd->bqhgd", ds_in, k_blk, preferred_element_type=jnp.float32) * scale
-            # q_blk already carries the 1/sqrt(d) scale, so this is dK = scale * dS^T Q.
-            dk_acc = dk_acc + jnp.einsum("bhgqk,bqhgd->bhkd", ds_in, q_blk, preferred_element_type=jnp.float32)
+            dq_blk = jnp.einsum("bhgqk,bhkd->bhgqd", ds_in, k_blk, preferred_element_type=jnp.float32) * scale
+            # dK^T = scale * Q^T dS; qt_blk is unscaled, so the scale is applied once per key block (below).
+            dk_acc = dk_acc + jnp.einsum("bhdgq,bhgqk->bhdk", qt_blk, ds_in, preferred_element_type=jnp.float32)
             return dq_blk, dk_acc, dv_acc
 
-        if grads is None:
-            dk_acc = dv_acc = jnp.zeros((b, hkv, bk, d), jnp.float32)
-        else:  # continue from the contributions of earlier chunks' queries
-            dk_acc, dv_acc = (jnp.transpose(_slice(x, j * bk, bk), (0, 2, 1, 3)) for x in (dk_buf, dv_buf))
+        dk_acc = jnp.zeros((b, hkv, d, bk), jnp.float32)  # this chunk's dK^T (unscaled) and dV^T of key block j
+        dv_acc = jnp.zeros((b, hkv, d, bk), jnp.float32)
         lo, hi = _visible_range(ranges, j, nq, over_keys=False) if causal and sorted_positions else (0, nq)
         dq_buf, dk_acc, dv_acc = lax.fori_loop(lo, hi, query_block, (dq_buf, dk_acc, dv_acc))
-        dk_buf = lax.dynamic_update_slice_in_dim(dk_buf, jnp.transpose(dk_acc, (0, 2, 1, 3)), j * bk, axis=1)
-        dv_buf = lax.dynamic_update_slice_in_dim(dv_buf, jnp.transpose(dv_acc, (0, 2, 1, 3)), j * bk, axis=1)
+        dk_buf = lax.dynamic_update_slice_in_dim(dk_buf, _slice(dk_buf, j * bk, bk, axis=3) + dk_acc * scale,
+                                                 j * bk, axis=3)
+        dv_buf = lax.dynamic_update_slice_in_dim(dv_buf, _slice(dv_buf, j * bk, bk, axis=3) + dv_acc, j * bk, axis=3)
         return dq_buf, dk_buf, dv_buf
 
     if grads is None:
-        grads = (zeros_like_in_loop(d_out, q.shape, jnp.float32), zeros_like_in_loop(d_out, k.shape, jnp.float32),
-                 zeros_like_in_loop(d_out, v.shape, jnp.float32))
-    return lax.fori_loop(0, nk, key_block, tuple(grads))
+        dkv_shape = (b, hkv, d, tk)
+        grads = (zeros_like_in_loop(d_out, qh.shape, jnp.float32), zeros_like_in_loop(d_out, dkv_shape, jnp.float32),
+                 zeros_like_in_loop(d_out, dkv_shape, jnp.float32))
+    else:  # continue from the contributions of earlier chunks' queries
+        dq, dk, dv = grads
+        grads = (head_major(dq), feature_major(dk), feature_major(dv))
+    dq, dk, dv = lax.fori_loop(0, nk, key_block, grads)
+    return token_major(dq), from_feature_major(dk), from_feature_major(dv)
 
 
 # ----------------------------------------------------------------------------------------------------------

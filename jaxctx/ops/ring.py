@@ -413,8 +413,9 @@ def _visible(q_pos, k_pos, q_seg, k_seg, causal):
 def _ring_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis, n, causal, bq, bk, sorted_positions, dropout=None):
     """Local q [B, Tl, Hkv, G, D] against every chunk of the ring -> out [B, Tl, Hkv, G, D] (q dtype), lse f32.
 
-    The running softmax statistics (acc f32 like q, row max and row sum [B, Hkv, G, Tl]) carry over from one
-    chunk to the next: merging chunks by log-sum-exp is the same online-softmax update as merging blocks."""
+    The running softmax statistics (acc f32 [B, Hkv, G, Tl, D], row max and row sum [B, Hkv, G, Tl]) carry over
+    from one chunk to the next: merging chunks by log-sum-exp is the same online-softmax update as merging
+    blocks."""
     kw = dict(causal=causal, bq=bq, bk=bk, sorted_positions=sorted_positions, dropout=dropout)
 
     def visit(chunk, state):
