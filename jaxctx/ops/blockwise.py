@@ -170,19 +170,20 @@ def _run_block(update, state, i, j, ranges, causal):
 
 
 def _masked_scores(q_blk, k_blk, qp, kp, qs, ks, masked):
-    """Scores of a query block against a key block, -inf where not visible.
+    """Scores of a query block's rows against a key block, -inf where not visible.
 
-    [B, Hkv, G, bq, D] x [B, Hkv, D, bk] -> [B, Hkv, G, bq, bk] float32 (q already scaled). qp/kp: [P, bq] /
-    [P, bk] positions (None = not causal); qs/ks: [B, bq] / [B, bk] segment ids (None = no segments).
+    [B, Hkv, R, D] x [B, Hkv, D, bk] -> [B, Hkv, R, bk] float32 (q already scaled; R = G * bq rows, see
+    `_query_rows`). qp/kp: [P, R] / [P, bk] positions (None = not causal); qs/ks: [B, R] / [B, bk] segment ids
+    (None = no segments).
     """
-    s = _gemm(q_blk, k_blk)
+    s = jnp.einsum("bhrd,bhdk->bhrk", q_blk, k_blk, preferred_element_type=jnp.float32)
     if not masked:
         return s
     mask = None
     if qp is not None:
-        mask = (qp[:, :, None] >= kp[:, None, :])[:, None, None]  # [P, 1, 1, bq, bk]
+        mask = (qp[:, :, None] >= kp[:, None, :])[:, None]  # [P, 1, R, bk]
     if qs is not None:
-        same = (qs[:, :, None] == ks[:, None, :])[:, None, None]  # [B, 1, 1, bq, bk]
+        same = (qs[:, :, None] == ks[:, None, :])[:, None]  # [B, 1, R, bk]
         mask = same if mask is None else mask & same
     return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
@@ -212,22 +213,13 @@ def from_feature_major(x):
     return jnp.moveaxis(x, -1, 1)
 
 
-def _gemm(x, y):
-    """x [B, Hkv, G, r, K] @ y [B, Hkv, K, N] -> [B, Hkv, G, r, N] f32, as one GEMM per (B, Hkv) on (G*r) rows.
+def _query_rows(x, g):
+    """Per-query values [P, bq] -> [P, G * bq], one per row of a block whose G query heads are stacked.
 
-    (G, r) are merged before the dot: with a size-1 G in the dot's output XLA:CPU picked a layout for it that it
-    then copied every score tile to undo (0.3 ms a block at 512 x 512 x 8 heads)."""
-    b, h, g, r, k = x.shape
-    out = jnp.einsum("bhmk,bhkn->bhmn", x.reshape(b, h, g * r, k), y, preferred_element_type=jnp.float32)
-    return out.reshape(b, h, g, r, y.shape[-1])
-
-
-def _gemm_over_rows(xt, y):
-    """xt [B, Hkv, M, G, r] @ y [B, Hkv, G, r, N] -> [B, Hkv, M, N] f32: the contraction runs over the (G, r)
-    rows, e.g. dV^T = dO^T P with xt = dO^T."""
-    b, h, m, g, r = xt.shape
-    return jnp.einsum("bhmr,bhrn->bhmn", xt.reshape(b, h, m, g * r), y.reshape(b, h, g * r, y.shape[-1]),
-                      preferred_element_type=jnp.float32)
+    Inside the loops a query block is [B, Hkv, G * bq, D]: the G heads that share a key/value head are rows of one
+    GEMM, and every score tile is 4-D. (With a size-1 G axis left in the dots' outputs, XLA:CPU gave them a layout
+    it then copied every score tile to undo: 0.3 ms a block at 512 x 512 x 8 heads.)"""
+    return x if x is None or g == 1 else jnp.tile(x, (1, g))
 
 
 def _slice(x, start, size, axis=1):
@@ -285,39 +277,43 @@ def chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, bq: int,
     nq, nk = tq // bq, k.shape[1] // bk
     scale = 1.0 / (d ** 0.5)
     ranges = block_ranges(q_pos, k_pos, q_seg, k_seg, bq, bk)
+    r = g * bq  # rows of a query block: its G query heads per key/value head, stacked
     kt, vh = feature_major(k), head_major(v)  # [B, Hkv, D, Tk], [B, Hkv, Tk, D]: read by every query block
 
     def query_block(i, carry):
-        q_blk = head_major(_slice(q, i * bq, bq)) * jnp.asarray(scale, q.dtype)  # [B, Hkv, G, bq, D]
-        qp, qs = _slice(q_pos, i * bq, bq), _slice(q_seg, i * bq, bq)
+        q_blk = head_major(_slice(q, i * bq, bq)).reshape(b, hkv, r, d) * jnp.asarray(scale, q.dtype)
+        qp, qs = (_query_rows(_slice(x, i * bq, bq), g) for x in (q_pos, q_seg))  # [P, R], [B, R]
 
         def key_block(j, st):
             return _run_block(lambda st, masked: update(j, st, masked), st, i, j, ranges, causal)
 
         def update(j, st, masked):
-            m, l, acc = st  # [B, Hkv, G, bq], [B, Hkv, G, bq], [B, Hkv, G, bq, D]
+            m, l, acc = st  # [B, Hkv, R], [B, Hkv, R], [B, Hkv, R, D]
             k_blk, v_blk = _slice(kt, j * bk, bk, axis=3), _slice(vh, j * bk, bk, axis=2)  # [B, Hkv, D|bk, bk|D]
             s = _masked_scores(q_blk, k_blk, qp if causal else None, _slice(k_pos, j * bk, bk),
-                               qs, _slice(k_seg, j * bk, bk), masked)  # [B, Hkv, G, bq, bk]
+                               qs, _slice(k_seg, j * bk, bk), masked)  # [B, Hkv, R, bk]
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet: exp(-inf) = 0
             p = jnp.exp(s - m_safe[..., None])
             correction = jnp.exp(m - m_safe)
             l = l * correction + jnp.sum(p, axis=-1)  # the softmax normaliser counts dropped entries too
             if dropout is not None:
-                p = p * _dropout_factor(dropout, _slice(q_pos, i * bq, bq), _slice(k_pos, j * bk, bk), b, hkv, g)
-            pv = _gemm(p.astype(v.dtype), v_blk)  # [B, Hkv, G, bq, D]
+                z = _dropout_factor(dropout, _slice(q_pos, i * bq, bq), _slice(k_pos, j * bk, bk), b, hkv, g)
+                p = p * z.reshape(p.shape)
+            pv = jnp.einsum("bhrk,bhkd->bhrd", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
             acc = acc * correction[..., None] + pv
             return m_new, l, acc
 
         if state is None:
-            init = (jnp.full((b, hkv, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, hkv, g, bq), jnp.float32),
-                    jnp.zeros((b, hkv, g, bq, d), jnp.float32))
+            init = (jnp.full((b, hkv, r), -jnp.inf, jnp.float32), jnp.zeros((b, hkv, r), jnp.float32),
+                    jnp.zeros((b, hkv, r, d), jnp.float32))
         else:  # continue this query block's statistics from earlier chunks
             acc_buf, m_buf, l_buf = carry
-            init = tuple(_slice(x, i * bq, bq, axis=3) for x in (m_buf, l_buf, acc_buf))
+            init = tuple(_slice(x, i * bq, bq, axis=3).reshape(b, hkv, r, *x.shape[4:])
+                         for x in (m_buf, l_buf, acc_buf))
         lo, hi = _visible_range(ranges, i, nk, over_keys=True) if causal and sorted_positions else (0, nk)
         m, l, acc = lax.fori_loop(lo, hi, key_block, init)
+        m, l, acc = m.reshape(b, hkv, g, bq), l.reshape(b, hkv, g, bq), acc.reshape(b, hkv, g, bq, d)
         if state is not None:
             acc_buf = lax.dynamic_update_slice_in_dim(acc_buf, acc, i * bq, axis=3)
             return (acc_buf, lax.dynamic_update_slice_in_dim(m_buf, m, i * bq, axis=3),
@@ -392,6 +388,7 @@ def chunk_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, delta, d_out, *, ca
     scale = 1.0 / (d ** 0.5)
     ranges = block_ranges(q_pos, k_pos, q_seg, k_seg, bq, bk)
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # rows that see nothing: exp(s - inf) = 0, never NaN
+    r = g * bq  # rows of a query block (see `_query_rows`)
     # Read by every key block: [B, Hkv, G, Tq, D] and [B, Hkv, D, G, Tq] copies of q and dO.
     qh, qt, doh, dot = head_major(q), feature_major(q), head_major(d_out), feature_major(d_out)
 
@@ -405,33 +402,36 @@ def chunk_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, delta, d_out, *, ca
             dq_acc, dk_acc, dv_acc = state  # dq_acc [B, Hkv, G, Tq, D]; dk/dv_acc: dK^T, dV^T [B, Hkv, D, bk]
             # Only block-sized values go through _run_block's lax.switch: with the full-length dq buffer in the
             # switch's operands XLA copies it (one more [B, T, H, D] array whenever segment ids are given).
-            dq_zero = jnp.zeros((b, hkv, g, bq, d), jnp.float32)
+            dq_zero = jnp.zeros((b, hkv, r, d), jnp.float32)
             dq_blk, dk_acc, dv_acc = _run_block(lambda st, masked: update(i, st, masked),
                                                 (dq_zero, dk_acc, dv_acc), i, j, ranges, causal)
+            dq_blk = dq_blk.reshape(b, hkv, g, bq, d)
             dq_acc = lax.dynamic_update_slice_in_dim(
                 dq_acc, lax.dynamic_slice_in_dim(dq_acc, i * bq, bq, axis=3) + dq_blk, i * bq, axis=3)
             return dq_acc, dk_acc, dv_acc
 
         def update(i, state, masked):
-            _, dk_acc, dv_acc = state  # the block's dQ [B, Hkv, G, bq, D] starts at zero
-            q_blk = _slice(qh, i * bq, bq, axis=3) * jnp.asarray(scale, q.dtype)  # [B, Hkv, G, bq, D]
-            qt_blk = _slice(qt, i * bq, bq, axis=4)  # [B, Hkv, D, G, bq], unscaled
-            do_blk, dot_blk = _slice(doh, i * bq, bq, axis=3), _slice(dot, i * bq, bq, axis=4)
-            lse_blk = _slice(lse, i * bq, bq, axis=3)  # [B, Hkv, G, bq]
-            delta_blk = _slice(delta, i * bq, bq, axis=3)
-            s = _masked_scores(q_blk, kt_blk, _slice(q_pos, i * bq, bq) if causal else None, kp,
-                               _slice(q_seg, i * bq, bq), ks, masked)  # [B, Hkv, G, bq, bk]
+            _, dk_acc, dv_acc = state  # the block's dQ [B, Hkv, R, D] starts at zero
+            rows = lambda x: _slice(x, i * bq, bq, axis=3).reshape(b, hkv, r, *x.shape[4:])  # [B, Hkv, R(, D)]
+            cols = lambda x: _slice(x, i * bq, bq, axis=4).reshape(b, hkv, d, r)  # [B, Hkv, D, R]
+            q_blk, qt_blk = rows(qh) * jnp.asarray(scale, q.dtype), cols(qt)  # qt_blk unscaled
+            do_blk, dot_blk = rows(doh), cols(dot)
+            lse_blk, delta_blk = rows(lse), rows(delta)  # [B, Hkv, R]
+            qp, qs = (_query_rows(_slice(x, i * bq, bq), g) for x in (q_pos, q_seg))
+            s = _masked_scores(q_blk, kt_blk, qp if causal else None, kp, qs, ks, masked)  # [B, Hkv, R, bk]
             p = jnp.exp(s - lse_blk[..., None])  # exact softmax probabilities of this block
             # With dropout O = (P * Z) V, Z = keep / (1 - rate): dV = (P * Z)^T dO and dP = Z * (dO V^T); the
             # softmax term rowsum(P * dP) is still rowsum(dO * O) = delta.
             z = None if dropout is None else _dropout_factor(dropout, _slice(q_pos, i * bq, bq), kp, b, hkv, g)
-            dv_acc = dv_acc + _gemm_over_rows(dot_blk, _times(p, z).astype(do_blk.dtype))  # dV^T = dO^T P
-            dp = _times(_gemm(do_blk, vt_blk), z)
-            ds = p * (dp - delta_blk[..., None])  # [B, Hkv, G, bq, bk]
+            z = None if z is None else z.reshape(p.shape)
+            dv_acc = dv_acc + jnp.einsum("bhdr,bhrk->bhdk", dot_blk, _times(p, z).astype(do_blk.dtype),
+                                         preferred_element_type=jnp.float32)  # dV^T = dO^T P
+            dp = _times(jnp.einsum("bhrd,bhdk->bhrk", do_blk, vt_blk, preferred_element_type=jnp.float32), z)
+            ds = p * (dp - delta_blk[..., None])  # [B, Hkv, R, bk]
             ds_in = ds.astype(q.dtype)
-            dq_blk = _gemm(ds_in, k_blk) * scale
+            dq_blk = jnp.einsum("bhrk,bhkd->bhrd", ds_in, k_blk, preferred_element_type=jnp.float32) * scale
             # dK^T = scale * Q^T dS; qt_blk is unscaled, so the scale is applied once per key block (below).
-            dk_acc = dk_acc + _gemm_over_rows(qt_blk, ds_in)
+            dk_acc = dk_acc + jnp.einsum("bhdr,bhrk->bhdk", qt_blk, ds_in, preferred_element_type=jnp.float32)
             return dq_blk, dk_acc, dv_acc
 
         dk_acc = jnp.zeros((b, hkv, d, bk), jnp.float32)  # this chunk's dK^T (unscaled) and dV^T of key block j
