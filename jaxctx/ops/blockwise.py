@@ -188,10 +188,12 @@ def _masked_scores(q_blk, k_blk, qp, kp, qs, ks, masked):
     return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
 
-# Operand layouts. Every block matmul is written as a plain row-major GEMM, [M, K] x [K, N] -> [M, N], batched over
-# (B, Hkv): each operand is sliced from a copy of q, k, v or dO laid out once per call so that its block already
-# has that form. Token-major slices, or a contraction over a non-minor axis, made XLA:CPU transpose the [bq, bk]
-# score tiles inside every block (a quarter of the forward's time at T=8192, more in the backward).
+# Operand layouts. Every block matmul is a plain row-major GEMM, [M, K] x [K, N] -> [M, N], batched over (B, Hkv),
+# on operand blocks laid out for it when they are sliced: "rows" [B, Hkv, (G,) n, D] (`head_major`) or "cols"
+# [B, Hkv, D, (G,) n] (`feature_major`), a small transpose of a [n, H, D] slice. With token-major blocks, or a
+# contraction over a non-minor axis (dV = P^T dO), XLA:CPU transposed the [bq, bk] score or probability tiles
+# inside every block instead: O(T^2) copies rather than O(T * D). Full-length copies of the operands in both
+# layouts were measured too: 2-3% faster at T=8192, for two to three more [T, H, D] arrays of peak memory.
 
 def head_major(x):
     """[B, T, Hkv, G, D] -> [B, Hkv, G, T, D] and [B, T, Hkv, D] -> [B, Hkv, T, D]: blocks are [rows, D]."""
@@ -278,7 +280,6 @@ def chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, bq: int,
     scale = 1.0 / (d ** 0.5)
     ranges = block_ranges(q_pos, k_pos, q_seg, k_seg, bq, bk)
     r = g * bq  # rows of a query block: its G query heads per key/value head, stacked
-    kt, vh = feature_major(k), head_major(v)  # [B, Hkv, D, Tk], [B, Hkv, Tk, D]: read by every query block
 
     def query_block(i, carry):
         q_blk = head_major(_slice(q, i * bq, bq)).reshape(b, hkv, r, d) * jnp.asarray(scale, q.dtype)
@@ -289,7 +290,8 @@ def chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, bq: int,
 
         def update(j, st, masked):
             m, l, acc = st  # [B, Hkv, R], [B, Hkv, R], [B, Hkv, R, D]
-            k_blk, v_blk = _slice(kt, j * bk, bk, axis=3), _slice(vh, j * bk, bk, axis=2)  # [B, Hkv, D|bk, bk|D]
+            k_blk, v_blk = _slice(k, j * bk, bk), _slice(v, j * bk, bk)  # [B, bk, Hkv, D]
+            k_blk, v_blk = feature_major(k_blk), head_major(v_blk)  # [B, Hkv, D, bk], [B, Hkv, bk, D]
             s = _masked_scores(q_blk, k_blk, qp if causal else None, _slice(k_pos, j * bk, bk),
                                qs, _slice(k_seg, j * bk, bk), masked)  # [B, Hkv, R, bk]
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -320,16 +322,16 @@ def chunk_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, bq: int,
                     lax.dynamic_update_slice_in_dim(l_buf, l, i * bq, axis=3))
         out_buf, lse_buf = carry
         out_blk, lse_blk = _normalise(acc, m, l)  # [B, Hkv, G, bq, D], [B, Hkv, G, bq]
-        out_buf = lax.dynamic_update_slice_in_dim(out_buf, out_blk.astype(out_buf.dtype), i * bq, axis=3)
+        out_blk = token_major(out_blk).astype(out_buf.dtype)  # [B, bq, Hkv, G, D], like q: out_buf is the output
+        out_buf = lax.dynamic_update_slice_in_dim(out_buf, out_blk, i * bq, axis=1)
         lse_buf = lax.dynamic_update_slice_in_dim(lse_buf, lse_blk, i * bq, axis=3)
         return out_buf, lse_buf
 
     if state is not None:
         return lax.fori_loop(0, nq, query_block, tuple(state))
-    out = zeros_like_in_loop(q, (b, hkv, g, tq, d))
+    out = zeros_like_in_loop(q)
     lse = zeros_like_in_loop(q, (b, hkv, g, tq), jnp.float32)
-    out, lse = lax.fori_loop(0, nq, query_block, (out, lse))
-    return token_major(out), lse
+    return lax.fori_loop(0, nq, query_block, (out, lse))
 
 
 def _lse(m, l):
@@ -389,8 +391,6 @@ def chunk_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, delta, d_out, *, ca
     ranges = block_ranges(q_pos, k_pos, q_seg, k_seg, bq, bk)
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # rows that see nothing: exp(s - inf) = 0, never NaN
     r = g * bq  # rows of a query block (see `_query_rows`)
-    # Read by every key block: [B, Hkv, G, Tq, D] and [B, Hkv, D, G, Tq] copies of q and dO.
-    qh, qt, doh, dot = head_major(q), feature_major(q), head_major(d_out), feature_major(d_out)
 
     def key_block(j, carry):
         dq_buf, dk_buf, dv_buf = carry  # [B, Hkv, G, Tq, D]; dK^T, dV^T [B, Hkv, D, Tk]
@@ -405,18 +405,18 @@ def chunk_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, delta, d_out, *, ca
             dq_zero = jnp.zeros((b, hkv, r, d), jnp.float32)
             dq_blk, dk_acc, dv_acc = _run_block(lambda st, masked: update(i, st, masked),
                                                 (dq_zero, dk_acc, dv_acc), i, j, ranges, causal)
-            dq_blk = dq_blk.reshape(b, hkv, g, bq, d)
-            dq_acc = lax.dynamic_update_slice_in_dim(
-                dq_acc, lax.dynamic_slice_in_dim(dq_acc, i * bq, bq, axis=3) + dq_blk, i * bq, axis=3)
+            dq_blk = token_major(dq_blk.reshape(b, hkv, g, bq, d))  # [B, bq, Hkv, G, D]
+            dq_acc = lax.dynamic_update_slice_in_dim(dq_acc, _slice(dq_acc, i * bq, bq) + dq_blk, i * bq, axis=1)
             return dq_acc, dk_acc, dv_acc
 
         def update(i, state, masked):
             _, dk_acc, dv_acc = state  # the block's dQ [B, Hkv, R, D] starts at zero
-            rows = lambda x: _slice(x, i * bq, bq, axis=3).reshape(b, hkv, r, *x.shape[4:])  # [B, Hkv, R(, D)]
-            cols = lambda x: _slice(x, i * bq, bq, axis=4).reshape(b, hkv, d, r)  # [B, Hkv, D, R]
-            q_blk, qt_blk = rows(qh) * jnp.asarray(scale, q.dtype), cols(qt)  # qt_blk unscaled
-            do_blk, dot_blk = rows(doh), cols(dot)
-            lse_blk, delta_blk = rows(lse), rows(delta)  # [B, Hkv, R]
+            q_tok, do_tok = _slice(q, i * bq, bq), _slice(d_out, i * bq, bq)  # [B, bq, Hkv, G, D]
+            rows, cols = (b, hkv, r, d), (b, hkv, d, r)  # each in both GEMM layouts
+            q_blk = head_major(q_tok).reshape(rows) * jnp.asarray(scale, q.dtype)
+            qt_blk = feature_major(q_tok).reshape(cols)  # unscaled
+            do_blk, dot_blk = head_major(do_tok).reshape(rows), feature_major(do_tok).reshape(cols)
+            lse_blk, delta_blk = (_slice(x, i * bq, bq, axis=3).reshape(b, hkv, r) for x in (lse, delta))
             qp, qs = (_query_rows(_slice(x, i * bq, bq), g) for x in (q_pos, q_seg))
             s = _masked_scores(q_blk, kt_blk, qp if causal else None, kp, qs, ks, masked)  # [B, Hkv, R, bk]
             p = jnp.exp(s - lse_blk[..., None])  # exact softmax probabilities of this block
@@ -438,20 +438,16 @@ def chunk_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, delta, d_out, *, ca
         dv_acc = jnp.zeros((b, hkv, d, bk), jnp.float32)
         lo, hi = _visible_range(ranges, j, nq, over_keys=False) if causal and sorted_positions else (0, nq)
         dq_buf, dk_acc, dv_acc = lax.fori_loop(lo, hi, query_block, (dq_buf, dk_acc, dv_acc))
-        dk_buf = lax.dynamic_update_slice_in_dim(dk_buf, _slice(dk_buf, j * bk, bk, axis=3) + dk_acc * scale,
-                                                 j * bk, axis=3)
-        dv_buf = lax.dynamic_update_slice_in_dim(dv_buf, _slice(dv_buf, j * bk, bk, axis=3) + dv_acc, j * bk, axis=3)
+        dk_buf = lax.dynamic_update_slice_in_dim(
+            dk_buf, _slice(dk_buf, j * bk, bk) + from_feature_major(dk_acc * scale), j * bk, axis=1)
+        dv_buf = lax.dynamic_update_slice_in_dim(
+            dv_buf, _slice(dv_buf, j * bk, bk) + from_feature_major(dv_acc), j * bk, axis=1)
         return dq_buf, dk_buf, dv_buf
 
-    if grads is None:
-        dkv_shape = (b, hkv, d, tk)
-        grads = (zeros_like_in_loop(d_out, qh.shape, jnp.float32), zeros_like_in_loop(d_out, dkv_shape, jnp.float32),
-                 zeros_like_in_loop(d_out, dkv_shape, jnp.float32))
-    else:  # continue from the contributions of earlier chunks' queries
-        dq, dk, dv = grads
-        grads = (head_major(dq), feature_major(dk), feature_major(dv))
-    dq, dk, dv = lax.fori_loop(0, nk, key_block, grads)
-    return token_major(dq), from_feature_major(dk), from_feature_major(dv)
+    if grads is None:  # the buffers are token-major like q, k, v: they are the outputs, no full-length copy
+        grads = (zeros_like_in_loop(d_out, q.shape, jnp.float32), zeros_like_in_loop(d_out, k.shape, jnp.float32),
+                 zeros_like_in_loop(d_out, v.shape, jnp.float32))
+    return lax.fori_loop(0, nk, key_block, tuple(grads))
 
 
 # ----------------------------------------------------------------------------------------------------------
