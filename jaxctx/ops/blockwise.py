@@ -393,13 +393,13 @@ def chunk_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, delta, d_out, *, ca
     r = g * bq  # rows of a query block (see `_query_rows`)
 
     def key_block(j, carry):
-        dq_buf, dk_buf, dv_buf = carry  # [B, Hkv, G, Tq, D]; dK^T, dV^T [B, Hkv, D, Tk]
+        dq_buf, dk_buf, dv_buf = carry  # f32 [B, Tq, Hkv, G, D], [B, Tk, Hkv, D] x2
         k_blk, v_blk = _slice(k, j * bk, bk), _slice(v, j * bk, bk)  # [B, bk, Hkv, D]
         k_blk, kt_blk, vt_blk = head_major(k_blk), feature_major(k_blk), feature_major(v_blk)
         kp, ks = _slice(k_pos, j * bk, bk), _slice(k_seg, j * bk, bk)
 
         def query_block(i, state):
-            dq_acc, dk_acc, dv_acc = state  # dq_acc [B, Hkv, G, Tq, D]; dk/dv_acc: dK^T, dV^T [B, Hkv, D, bk]
+            dq_acc, dk_acc, dv_acc = state  # dq_acc [B, Tq, Hkv, G, D]; dk/dv_acc: dK^T, dV^T [B, Hkv, D, bk]
             # Only block-sized values go through _run_block's lax.switch: with the full-length dq buffer in the
             # switch's operands XLA copies it (one more [B, T, H, D] array whenever segment ids are given).
             dq_zero = jnp.zeros((b, hkv, r, d), jnp.float32)
