@@ -314,7 +314,8 @@ def write_scaling_plot(path: str | os.PathLike, result: dict[str, Any]) -> bool:
     with the ideal (N x the N = 1 length). Returns False (and writes nothing) for other results."""
     rows = sorted((r for r in result.get("rows", []) if r.get("sequence") and r.get("max_seq_len")),
                   key=lambda r: r["sequence"])
-    if result.get("bench") != "max-context" or len(rows) < 2 or rows[0]["sequence"] != 1:
+    # A plain run has rows too (one per variant, all at sequence 1): only a sweep over several N is plotted.
+    if result.get("bench") != "max-context" or len({r["sequence"] for r in rows}) < 2 or rows[0]["sequence"] != 1:
         return False
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -88,6 +88,7 @@ def test_max_context_files_and_fields(search):
     rc, out = search
     assert rc == 0
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.with_suffix(".csv").exists()
+    assert not (out.parent / "max_context-scaling.png").exists()  # no --sequence sweep: no scaling plot
     result = json.loads(out.read_text())
     assert result["bench"] == "max-context" and result["complete"] is True
     assert {"backend", "device_kind", "jax_version", "cpu_model"} <= set(result["machine"])
