@@ -312,10 +312,11 @@ def _series(row: dict[str, Any], layout: Layout) -> Any:
 def write_scaling_plot(path: str | os.PathLike, result: dict[str, Any]) -> bool:
     """max-context --sequence sweeps: max context per device budget against the devices one sequence spans,
     with the ideal (N x the N = 1 length). Returns False (and writes nothing) for other results."""
-    rows = sorted((r for r in result.get("rows", []) if r.get("sequence") and r.get("max_seq_len")),
+    # The blockwise rows, one per N, as `max_context.ratios` reads them: a plain run has a single one.
+    rows = sorted((r for r in result.get("rows", [])
+                   if r.get("variant") == "blockwise" and r.get("sequence") and r.get("max_seq_len")),
                   key=lambda r: r["sequence"])
-    # A plain run has rows too (one per variant, all at sequence 1): only a sweep over several N is plotted.
-    if result.get("bench") != "max-context" or len({r["sequence"] for r in rows}) < 2 or rows[0]["sequence"] != 1:
+    if result.get("bench") != "max-context" or len(rows) < 2 or rows[0]["sequence"] != 1:
         return False
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

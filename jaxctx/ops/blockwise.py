@@ -434,8 +434,7 @@ def chunk_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, delta, d_out, *, ca
             dk_acc = dk_acc + jnp.einsum("bhdr,bhrk->bhdk", qt_blk, ds_in, preferred_element_type=jnp.float32)
             return dq_blk, dk_acc, dv_acc
 
-        dk_acc = jnp.zeros((b, hkv, d, bk), jnp.float32)  # this chunk's dK^T (unscaled) and dV^T of key block j
-        dv_acc = jnp.zeros((b, hkv, d, bk), jnp.float32)
+        dk_acc = dv_acc = jnp.zeros((b, hkv, d, bk), jnp.float32)  # this chunk's dK^T (unscaled), dV^T of block j
         lo, hi = _visible_range(ranges, j, nq, over_keys=False) if causal and sorted_positions else (0, nq)
         dq_buf, dk_acc, dv_acc = lax.fori_loop(lo, hi, query_block, (dq_buf, dk_acc, dv_acc))
         dk_buf = lax.dynamic_update_slice_in_dim(
