@@ -368,9 +368,10 @@ def softmax_delta(out, d_out):
     """delta_i = rowsum(dO_i * O_i), the softmax-Jacobian term: [B, Tq, Hkv, G, D] x2 -> [B, Hkv, G, Tq] f32.
 
     Computed once from the final output (not per chunk): the backward of every chunk uses the same delta."""
-    # An elementwise product and a sum over D, not an einsum: as a dot it was B*T*H dots of length D (50 ms at
-    # T=8192, 8 heads, against ~2 ms for the product).
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Tq, Hkv, G]
+    # A token-major einsum, moved to head-major afterwards. On XLA:CPU (jax 0.10, T=8192, 8 heads) this is 0.9 ms;
+    # the same einsum written straight to [B, Hkv, G, Tq] is 50 ms, and jnp.sum(d_out * out, -1) is 49 ms (it
+    # becomes a YNN reduce fusion, slow for a length-64 minor axis).
+    delta = jnp.einsum("bthgd,bthgd->bthg", d_out.astype(jnp.float32), out.astype(jnp.float32))  # [B, Tq, Hkv, G]
     return jnp.moveaxis(delta, 1, -1)
 
 
