@@ -2,6 +2,7 @@
 plus a structural check that the chunked versions never build the full [B, T, F] / [B, T, V] array."""
 
 import functools
+import re
 
 import jax
 import jax.extend
@@ -80,9 +81,11 @@ def _loss_inputs(layout, with_bias):
     return hidden, head, bias, targets, weights
 
 
-@pytest.mark.parametrize("layout,with_bias", [("dv", False), ("vd", True)])
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+@pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("chunk", [5, 100])
 def test_chunked_cross_entropy_matches_reference(layout, with_bias, chunk):
+    """The hand-written gradient (each chunk's in the forward pass) against autodiff of the unchunked loss."""
     hidden, head, bias, targets, weights = _loss_inputs(layout, with_bias)
 
     def chunked(h, w, b):
@@ -128,6 +131,43 @@ def test_bf16_hidden_gives_f32_logits_and_loss():
     ref, _ = cross_entropy(hidden, head, bias, targets, weights)
     assert loss.dtype == jnp.float32
     np.testing.assert_allclose(loss, ref, rtol=2e-2)
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_bf16_hidden_gradients_match_f32_reference(layout):
+    hidden, head, bias, targets, weights = _loss_inputs(layout, True)
+    grad_args = (0, 1, 2)
+    got = jax.grad(lambda h, w, b: chunked_cross_entropy(h, w, b, targets, weights, chunk=5, head_layout=layout)[0],
+                   argnums=grad_args)(hidden.astype(jnp.bfloat16), head, bias)
+    want = jax.grad(lambda h, w, b: cross_entropy(h, w, b, targets, weights, head_layout=layout)[0],
+                    argnums=grad_args)(hidden, head, bias)
+    assert [g.dtype for g in got] == [jnp.bfloat16, jnp.float32, jnp.float32]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=0.05, atol=0.05 * float(jnp.abs(w).max()))
+
+
+def _transposed_copy_sizes(hlo_text: str) -> list[int]:
+    """Element counts of every transpose / copy instruction in a compiled HLO module (fusion bodies included)."""
+    sizes = []
+    for match in re.finditer(r"= \w+\[([\d,]*)\]\{[^}]*\} (?:transpose|copy)\(", hlo_text):
+        sizes.append(int(np.prod([int(d) for d in match.group(1).split(",") if d] or [1])))
+    return sizes
+
+
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_chunked_loss_gradient_never_transposes_a_logits_tile(layout):
+    """Autodiff's head gradient (dlogits^T h) made XLA:CPU copy every [B, C, V] tile transposed; the written-out
+    gradient accumulates h^T dlogits instead, so no transpose or copy is as large as a tile."""
+    hidden, head, bias, targets, weights = _loss_inputs(layout, True)
+    chunk = 8
+    grad = jax.jit(jax.grad(lambda h, w, b: chunked_cross_entropy(h, w, b, targets, weights, chunk=chunk,
+                                                                    head_layout=layout)[0], argnums=(0, 1, 2)))
+    sizes = _transposed_copy_sizes(grad.lower(hidden, head, bias).compile().as_text())
+    assert max(sizes, default=0) < B * chunk * V, sizes
+    # the check can see such a copy: autodiff of the unchunked loss has one
+    whole = jax.jit(jax.grad(lambda h, w: cross_entropy(h, w, bias, targets, weights, head_layout=layout)[0],
+                             argnums=(0, 1)))
+    assert max(_transposed_copy_sizes(whole.lower(hidden, head).compile().as_text())) >= B * T * V
 
 
 def test_bad_arguments_raise_value_error():
