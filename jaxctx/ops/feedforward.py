@@ -4,8 +4,9 @@ From the Blockwise Parallel Transformer (Liu & Abbeel, 2023, arXiv:2305.19370): 
 largest activations left are the MLP's [B, T, d_ff] intermediate and the loss's [B, T, vocab] logits. Both are
 position-wise, so they can be computed over sequence chunks of C tokens. The MLP's backward pass recomputes each
 chunk instead of storing it; the loss, a scalar, computes each chunk's gradient already in the forward pass
-(scaled by the incoming cotangent in the backward), so its logits are never recomputed. At any time only
-[B, C, d_ff] (or [B, C, vocab]) exists. Chunks are read and written in place (see `_map_chunks`): no [N, B, C, D] copies.
+(written out, see `_ce_chunk_grads`; scaled by the incoming cotangent in the backward), so its logits are never
+recomputed. At any time only [B, C, d_ff] (or [B, C, vocab]) exists. Chunks are read and written in place (see
+`_map_chunks`): no [N, B, C, D] copies.
 
 - `blockwise_feedforward(fn, x, chunk=C)`: any position-wise `fn` ([B, t, D] -> [B, t, D']) over chunks.
 - `chunked_cross_entropy(hidden, head, bias, targets, weights, chunk=C)`: summed token cross-entropy without the
