@@ -208,18 +208,22 @@ def cross_entropy(hidden: jax.Array, head: jax.Array, bias: jax.Array | None, ta
 #   [C, V] tile, and the one-hot part is a scatter of one entry per token: the only [C, V] passes are the max,
 #   the exp and the sum.
 
+def _chunk_logits(h, head, bias, layout: str, constrain: tuple):
+    """(h, logits [B, C, V] f32) of one chunk, each under its sharding constraint when one is given."""
+    constrain_hidden, constrain_logits = constrain
+    if constrain_hidden is not None:
+        h = constrain_hidden(h)
+    logits = project_logits(h, head, bias, head_layout=layout)
+    return h, logits if constrain_logits is None else constrain_logits(logits)
+
+
 def _ce_chunk_grads(h, targets, weights, head, bias, layout: str, constrain: tuple):
     """One chunk's summed loss and its gradients for a cotangent of 1.
 
     h [B, C, D]; targets [B, C] int; weights [B, C] f32. Returns (loss f32, dh [B, C, D] in h's dtype, dhead as
     [D, V] f32, dbias [V] f32 or None).
     """
-    constrain_hidden, constrain_logits = constrain
-    if constrain_hidden is not None:
-        h = constrain_hidden(h)
-    logits = project_logits(h, head, bias, head_layout=layout)  # [B, C, V] f32
-    if constrain_logits is not None:
-        logits = constrain_logits(logits)
+    h, logits = _chunk_logits(h, head, bias, layout, constrain)
     targets = jnp.clip(targets, 0, logits.shape[-1] - 1)  # as token_cross_entropy: weight-0 targets may be -100
     row_max = jnp.max(logits, axis=-1)  # [B, C]
     e = jnp.exp(logits - row_max[..., None])  # [B, C, V]
@@ -229,8 +233,8 @@ def _ce_chunk_grads(h, targets, weights, head, bias, layout: str, constrain: tup
     scale = weights / s  # [B, C]: dlogits = scale * (e - s * one_hot)
     b_idx, c_idx = jnp.meshgrid(jnp.arange(e.shape[0]), jnp.arange(e.shape[1]), indexing="ij")
     e = e.at[b_idx, c_idx, targets].add(-s)
-    if constrain_logits is not None:
-        e = constrain_logits(e)
+    if constrain[1] is not None:
+        e = constrain[1](e)
     e = e.astype(h.dtype)
     spec = "bcv,vd->bcd" if layout == "vd" else "bcv,dv->bcd"
     dh = jnp.einsum(spec, e, head.astype(h.dtype), preferred_element_type=jnp.float32) * scale[..., None]
@@ -243,13 +247,7 @@ def _ce_chunk_grads(h, targets, weights, head, bias, layout: str, constrain: tup
 
 def _ce_chunk_loss(h, targets, weights, head, bias, layout: str, constrain: tuple):
     """One chunk's summed loss, value only."""
-    constrain_hidden, constrain_logits = constrain
-    if constrain_hidden is not None:
-        h = constrain_hidden(h)
-    logits = project_logits(h, head, bias, head_layout=layout)  # [B, C, V] f32
-    if constrain_logits is not None:
-        logits = constrain_logits(logits)
-    return token_cross_entropy(logits, targets, weights)[0]
+    return token_cross_entropy(_chunk_logits(h, head, bias, layout, constrain)[1], targets, weights)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
