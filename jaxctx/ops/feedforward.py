@@ -197,7 +197,7 @@ def cross_entropy(hidden: jax.Array, head: jax.Array, bias: jax.Array | None, ta
     return token_cross_entropy(logits, targets, weights)
 
 
-# The chunked loss's gradient, written out rather than taken by autodiff, for three savings on XLA:CPU (GPT-2
+# The chunked loss's gradient, written out rather than taken by autodiff, for two savings on XLA:CPU (GPT-2
 # 6x512 at T=4096, 4 chunks of 1024: the loss and its gradients 3.1 -> 2.8 s, of which 2.4 s are the head GEMMs):
 # - Autodiff gave the head's gradient as dlogits^T h, a contraction over the chunk's tokens, the major axis of both
 #   operands, and XLA copied every [C, V] dlogits tile transposed first (70 ms a chunk). Here it is accumulated as
